@@ -1,0 +1,194 @@
+"""End-to-end inference speed of the plugin against HuggingFace's Deformable DETR.
+
+    python benchmarks/inference.py [--device cpu|cuda] [--threads 2] [--dtype fp32|fp16|bf16]
+                                   [--iters 10] [--quick]
+
+What one timed call does, as ``DefaultPredictor.__call__`` after its resize (the input is an
+already resized RGB uint8-range float image, batch 1, in eval mode under ``torch.no_grad``):
+
+- plugin: ``model([{"image", "height", "width"}])``: normalization and padding, backbone, neck,
+  encoder, decoder, heads, top-100 (query, class) selection and ``detector_postprocess``.
+- HF: the same normalization and an all-valid ``pixel_mask``, ``DeformableDetrForObjectDetection``
+  (timm ResNet-50, its pure-PyTorch ``grid_sample`` attention), then its image processor's
+  ``post_process_object_detection`` (top-100, boxes scaled to the image).
+
+Models: the multi-scale R50 model (``configs/deformable_detr_R50_50ep.yaml``) at 800x1333, with
+random weights shared with the HF peer through ``deformable_detr.checkpoint_conversion`` (the
+logits and boxes of both are compared), and the demo model
+(``configs/demo/deformable_detr_mnv2_trees.yaml``) on a 400x400 tile. Each model also runs with
+the pure-PyTorch op (``DEFORMABLE_DETR_MSDA_IMPL=pytorch``) to isolate the compiled op's share.
+The candidates take turns every iteration; images/s is 1 / mean latency.
+"""
+
+import argparse
+import os
+import sys
+from contextlib import contextmanager
+
+import torch
+
+from common import (
+    DEMO_CONFIG,
+    R50_CONFIG,
+    autocast,
+    build,
+    hf_peer_and_plugin,
+    load_cfg,
+    machine,
+    percentile,
+    perturb_,
+    setup_threads,
+    time_round_robin,
+)
+from deformable_detr.layers.ms_deform_attn_op import IMPL_ENV_VAR
+
+# (config, full-size input (H, W), quick input (H, W), config options of the quick run)
+MODELS = {
+    "R50 multi-scale": (R50_CONFIG, (800, 1333), (192, 320), []),
+    "demo MobileNetV2": (DEMO_CONFIG, (400, 400), (192, 192), []),
+}
+
+
+@contextmanager
+def msda_implementation(name):
+    previous = os.environ.get(IMPL_ENV_VAR)
+    os.environ[IMPL_ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[IMPL_ENV_VAR]
+        else:
+            os.environ[IMPL_ENV_VAR] = previous
+
+
+def random_image(height, width, device):
+    generator = torch.Generator().manual_seed(0)
+    return (torch.rand(3, height, width, generator=generator) * 255).to(device)
+
+
+def plugin_candidate(model, image, impl, args):
+    inputs = [{"image": image, "height": image.shape[1], "width": image.shape[2]}]
+
+    def run():
+        with msda_implementation(impl), torch.no_grad(), autocast(args.device, args.dtype):
+            return model(inputs)
+
+    return run
+
+
+def hf_candidate(hf, image, pixel_mean, pixel_std, args):
+    from transformers import DeformableDetrImageProcessor
+
+    processor = DeformableDetrImageProcessor()
+    target_sizes = [tuple(image.shape[1:])]
+
+    def run():
+        with torch.no_grad(), autocast(args.device, args.dtype):
+            pixel_values = ((image - pixel_mean) / pixel_std)[None]
+            pixel_mask = torch.ones_like(pixel_values[:, 0], dtype=torch.long)
+            outputs = hf(pixel_values=pixel_values, pixel_mask=pixel_mask)
+            return processor.post_process_object_detection(
+                outputs, threshold=0.0, target_sizes=target_sizes, top_k=100
+            )
+
+    return run
+
+
+def max_diffs(model, image, hf, rows, args):
+    """Max abs differences of the last decoder layer's logits and boxes: plugin vs HF."""
+    with torch.no_grad(), autocast(args.device, args.dtype):
+        raw = model.forward_raw([{"image": image}])
+        pixel_values = ((image - model.pixel_mean) / model.pixel_std)[None]
+        outputs = hf(pixel_values=pixel_values, pixel_mask=torch.ones_like(pixel_values[:, 0]))
+    logits = (raw["pred_logits"][-1].float() - outputs.logits[..., rows].float()).abs().max()
+    boxes = (raw["pred_boxes"][-1].float() - outputs.pred_boxes.float()).abs().max()
+    return logits.item(), boxes.item()
+
+
+def op_diffs(model, image, args):
+    """Max abs differences of logits and boxes: compiled op vs pure-PyTorch op, same model."""
+    raws = []
+    for impl in ("compiled", "pytorch"):
+        with msda_implementation(impl), torch.no_grad(), autocast(args.device, args.dtype):
+            raws.append(model.forward_raw([{"image": image}]))
+    return tuple(
+        (raws[0][key][-1].float() - raws[1][key][-1].float()).abs().max().item()
+        for key in ("pred_logits", "pred_boxes")
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                        help="autocast dtype (fp32: no autocast)")
+    parser.add_argument("--iters", type=int, default=None, help="timed calls per candidate")
+    parser.add_argument("--quick", action="store_true", help="small inputs, 2 timed calls")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--no-hf", action="store_true", help="skip the HuggingFace peer")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device")
+    setup_threads(args.threads)
+    iters = args.iters or (2 if args.quick else 10)
+    warmup = 1 if args.quick else 2
+
+    print(f"# inference, batch 1, {args.dtype}, {machine(args.device, args.threads)}")
+    print(f"# {iters} timed calls per candidate after {warmup} warm-up, taking turns")
+    print("| model | input | implementation | images/s | p50 (ms) | p90 (ms) | vs HF |")
+    print("|---|---|---|---|---|---|---|")
+    notes = []
+    ratios = {}
+    for name in args.models:
+        config, full_size, quick_size, quick_opts = MODELS[name]
+        cfg = load_cfg(config, quick_opts if args.quick else [])
+        height, width = quick_size if args.quick else full_size
+        image = random_image(height, width, args.device)
+        with_hf = not args.no_hf and cfg.MODEL.BACKBONE.NAME.endswith("resnet_backbone")
+        if with_hf:
+            hf, model, rows = hf_peer_and_plugin(cfg, args.device)
+        else:
+            torch.manual_seed(0)
+            model = perturb_(build(cfg, "cpu"), seed=1).eval().to(args.device)
+        candidates = {
+            "plugin (compiled op)": plugin_candidate(model, image, "compiled", args),
+            "plugin (pytorch op)": plugin_candidate(model, image, "pytorch", args),
+        }
+        if with_hf:
+            candidates["HF transformers"] = hf_candidate(
+                hf, image, model.pixel_mean, model.pixel_std, args
+            )
+        seconds = time_round_robin(candidates, iters, warmup, args.device)
+        hf_mean = sum(seconds["HF transformers"]) / iters if with_hf else None
+        for impl, values in seconds.items():
+            mean = sum(values) / len(values)
+            versus = f"{hf_mean / mean:.2f}x" if with_hf else "n/a"
+            ratios[(name, impl)] = hf_mean / mean if with_hf else None
+            print(
+                f"| {name} | {height}x{width} | {impl} | {1 / mean:.2f} "
+                f"| {percentile(values, 50) * 1e3:.0f} | {percentile(values, 90) * 1e3:.0f} "
+                f"| {versus} |",
+                flush=True,
+            )
+        logits, boxes = op_diffs(model, image, args)
+        notes.append(
+            f"# {name}: compiled vs pytorch op, max abs diff logits {logits:.2e}, boxes {boxes:.2e}"
+        )
+        if with_hf:
+            logits, boxes = max_diffs(model, image, hf, rows, args)
+            notes.append(
+                f"# {name}: plugin vs HF, max abs diff logits {logits:.2e}, boxes {boxes:.2e}"
+            )
+        else:
+            notes.append(
+                f"# {name}: no HF peer (the converter maps ResNet-50 / COCO-class models only)"
+            )
+    print("\n".join(notes))
+    return ratios
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

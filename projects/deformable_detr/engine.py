@@ -1,0 +1,129 @@
+"""The training loop pieces that make long runs survive: DDP on CPU or GPU, mixed precision,
+a stop at the first non-finite loss, and checkpoints written atomically.
+
+``RobustTrainer`` is Detectron2's ``DefaultTrainer`` with these pieces put in; ``train_net.py``'s
+``Trainer`` derives from it and overrides only the ``build_*`` methods.
+"""
+
+import logging
+import weakref
+from typing import Dict
+
+import torch
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import create_ddp_model as d2_create_ddp_model
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from .checkpoint import AtomicDetectionCheckpointer
+
+__all__ = [
+    "AMP_PRECISIONS",
+    "FiniteLossAMPTrainer",
+    "FiniteLossSimpleTrainer",
+    "RobustTrainer",
+    "build_train_loop",
+    "check_losses_finite",
+    "create_ddp_model",
+]
+
+AMP_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
+    """Detectron2's ``create_ddp_model`` (DDP when there are several processes), also for a model
+    on CPU: DDP rejects ``device_ids`` for CPU modules, where Detectron2 passes the local rank."""
+    if next(model.parameters()).device.type == "cpu":
+        kwargs.setdefault("device_ids", None)
+    return d2_create_ddp_model(model, **kwargs)
+
+
+def check_losses_finite(loss_dict: Dict[str, torch.Tensor], iteration: int) -> None:
+    """
+    Raises:
+        FloatingPointError: naming the iteration and every loss term that is NaN or infinite.
+    """
+    values = torch.stack([loss.detach().float().reshape(()) for loss in loss_dict.values()])
+    finite = torch.isfinite(values).tolist()  # one device sync for all terms
+    if all(finite):
+        return
+    bad = ", ".join(
+        f"{name}={value:g}"
+        for (name, value), ok in zip(zip(loss_dict, values.tolist()), finite)
+        if not ok
+    )
+    raise FloatingPointError(
+        f"Non-finite loss at iteration {iteration}: {bad}. Training stopped before the optimizer "
+        "step; the last checkpoint in OUTPUT_DIR is from an earlier iteration and is kept "
+        "(lower SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS, then --resume)."
+    )
+
+
+class _FiniteLossMixin:
+    """Checks the losses of every iteration on every worker; Detectron2's own check only runs on
+    the main worker every ``gather_metric_period`` iterations and names no term."""
+
+    def _write_metrics(self, loss_dict, data_time, prefix="", iter=None):
+        check_losses_finite(loss_dict, self.iter if iter is None else iter)
+        super()._write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
+
+
+class FiniteLossSimpleTrainer(_FiniteLossMixin, SimpleTrainer):
+    """:class:`SimpleTrainer` that stops at the first non-finite loss term."""
+
+
+class FiniteLossAMPTrainer(_FiniteLossMixin, AMPTrainer):
+    """:class:`AMPTrainer` that stops at the first non-finite loss term."""
+
+
+def build_train_loop(cfg, model, data_loader, optimizer) -> SimpleTrainer:
+    """
+    The loop that runs one iteration: float32, or autocast when ``SOLVER.AMP.ENABLED`` with
+    ``SOLVER.AMP.PRECISION`` ("float16" scales the loss with a GradScaler; "bfloat16" has the
+    range of float32 and needs none). Detectron2's AMPTrainer autocasts on CUDA only.
+    """
+    if not cfg.SOLVER.AMP.ENABLED:
+        return FiniteLossSimpleTrainer(model, data_loader, optimizer)
+    precision = cfg.SOLVER.AMP.PRECISION
+    if precision not in AMP_PRECISIONS:
+        raise ValueError(
+            f"SOLVER.AMP.PRECISION must be one of {sorted(AMP_PRECISIONS)}, got {precision!r}"
+        )
+    if not torch.cuda.is_available():
+        raise RuntimeError("SOLVER.AMP.ENABLED needs a CUDA device; set it False to train on CPU")
+    dtype = AMP_PRECISIONS[precision]
+    grad_scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    return FiniteLossAMPTrainer(
+        model, data_loader, optimizer, grad_scaler=grad_scaler, precision=dtype
+    )
+
+
+class RobustTrainer(DefaultTrainer):
+    """
+    ``DefaultTrainer`` with DDP that also works on CPU (Gloo), the train loop of
+    :func:`build_train_loop` and an :class:`AtomicDetectionCheckpointer`, whose ``--resume``
+    falls back to the previous complete checkpoint when the last one cannot be read.
+    """
+
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__ hard-codes the DDP, loop and checkpointer replaced here.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        self._trainer = build_train_loop(cfg, model, data_loader, optimizer)
+
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        # Built before the hooks: PeriodicCheckpointer keeps the checkpointer it is given.
+        self.checkpointer = AtomicDetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())

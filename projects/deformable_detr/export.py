@@ -1,0 +1,105 @@
+"""Export of the inference network to ``torch.export`` programs and ONNX files.
+
+What is exported is the network of :meth:`DeformableDETR.forward_raw` for one fixed input size:
+backbone, neck, transformer and the last decoder layer's heads, on images already normalized
+and padded, without Detectron2's post-processing (top-k and rescaling stay in Python:
+:meth:`DeformableDETR.inference`).
+``torch.export`` keeps the compiled attention op (traced through its fake kernel); ONNX has no
+such op, so the ONNX export uses the pure-PyTorch attention (``grid_sample``).
+"""
+
+import os
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+from .layers.ms_deform_attn_op import IMPL_ENV_VAR
+from .modeling.deformable_transformer import inverse_sigmoid
+
+__all__ = [
+    "EXPORTERS",
+    "ExportableDeformableDETR",
+    "example_inputs",
+    "export_onnx",
+    "export_torch",
+]
+
+
+class ExportableDeformableDETR(nn.Module):
+    """
+    The network of a :class:`DeformableDETR` on tensors, for export.
+
+    ``images`` (N, 3, H, W) normalized and padded, ``padding_mask`` (N, H, W) bool, True on
+    padding (both as :meth:`DeformableDETR.preprocess_image` makes them) -> ``pred_logits``
+    (N, Q, K) and ``pred_boxes`` (N, Q, 4) of the last decoder layer, boxes normalized
+    (cx, cy, w, h) relative to each image's unpadded size, as ``forward_raw`` returns them.
+    ``forward_raw`` itself does not export: ``ImageList`` computes the padded size as a tensor.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(
+        self, images: torch.Tensor, padding_mask: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        srcs, masks, pos = model.neck(model.backbone(images), padding_mask)
+        query_embed = None if model.two_stage else model.query_embed.weight
+        hs, init_reference, inter_references, _, _ = model.transformer(
+            srcs, masks, pos, query_embed
+        )
+        last = hs.shape[0] - 1
+        reference = inverse_sigmoid(init_reference if last == 0 else inter_references[last - 1])
+        delta = model.bbox_embed[last](hs[last])
+        if reference.shape[-1] == 4:
+            coord = delta + reference
+        else:
+            coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+        return model.class_embed[last](hs[last]), coord.sigmoid()
+
+
+def example_inputs(model: nn.Module, height: int, width: int, batch_size: int = 1):
+    """Random images of ``height`` x ``width`` pixels through ``model.preprocess_image``:
+    the (images, padding_mask) that the exported program takes."""
+    pixels = torch.randint(0, 256, (batch_size, 3, height, width), dtype=torch.uint8)
+    images, padding_mask = model.preprocess_image([{"image": image} for image in pixels])
+    return images.tensor, padding_mask
+
+
+def export_torch(model: nn.Module, inputs: Tuple[torch.Tensor, torch.Tensor], output: str):
+    """Saves ``torch.export.export`` of ``ExportableDeformableDETR(model)`` on ``inputs``
+    (images, padding_mask) to ``output`` (a ``.pt2`` file for ``torch.export.load``); returns
+    the ExportedProgram."""
+    with torch.no_grad():
+        program = torch.export.export(ExportableDeformableDETR(model), tuple(inputs))
+    torch.export.save(program, output)
+    return program
+
+
+def export_onnx(model: nn.Module, inputs: Tuple[torch.Tensor, torch.Tensor], output: str):
+    """Writes ``ExportableDeformableDETR(model)`` on ``inputs`` (images, padding_mask) as ONNX
+    (inputs "images", "padding_mask"; outputs "pred_logits", "pred_boxes") with the pure-PyTorch
+    attention; returns the path."""
+    previous = os.environ.get(IMPL_ENV_VAR)
+    os.environ[IMPL_ENV_VAR] = "pytorch"
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                ExportableDeformableDETR(model),
+                tuple(inputs),
+                output,
+                input_names=["images", "padding_mask"],
+                output_names=["pred_logits", "pred_boxes"],
+                dynamo=True,
+            )
+    finally:
+        if previous is None:
+            del os.environ[IMPL_ENV_VAR]
+        else:
+            os.environ[IMPL_ENV_VAR] = previous
+    return output
+
+
+EXPORTERS: Dict[str, object] = {"torch_export": export_torch, "onnx": export_onnx}

@@ -1,0 +1,19 @@
+"""Multi-scale deformable attention: the functional op and the ``MSDeformAttn`` module."""
+
+from .ms_deform_attn import MSDeformAttn
+from .ms_deform_attn_op import (
+    active_implementation,
+    compiled_kernels,
+    extension_error,
+    ms_deform_attn,
+    ms_deform_attn_pytorch,
+)
+
+__all__ = [
+    "MSDeformAttn",
+    "ms_deform_attn",
+    "ms_deform_attn_pytorch",
+    "compiled_kernels",
+    "extension_error",
+    "active_implementation",
+]

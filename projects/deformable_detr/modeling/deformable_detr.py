@@ -1,0 +1,331 @@
+"""The Deformable DETR meta-architecture (Zhu et al., ICLR 2021) for Detectron2."""
+
+import copy
+import math
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import nn
+from torchvision.ops import box_convert
+
+from .criterion import SetCriterion
+from .deformable_transformer import DeformableTransformer, inverse_sigmoid
+from .matcher import HungarianMatcher
+from .neck import build_neck
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them (official ``MLP``)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        outs = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims, outs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        return self.layers[-1](x)
+
+
+@META_ARCH_REGISTRY.register()
+class DeformableDETR(nn.Module):
+    """
+    Backbone -> neck (multi-level features, masks, position encodings) -> deformable transformer
+    -> per-decoder-layer class logits and boxes. Variants: iterative box refinement (one head per
+    decoder layer, each refining the previous boxes) and two-stage (queries from encoder proposals).
+
+    Inputs and outputs follow Detectron2's contract: a list of dicts with "image" (C, H, W) in
+    ``INPUT.FORMAT`` and, in training, "instances" with ``gt_boxes``/``gt_classes``; returns a loss
+    dict in training and ``[{"instances": Instances}]`` in original image coordinates otherwise.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        neck: nn.Module,
+        transformer: DeformableTransformer,
+        criterion: SetCriterion,
+        num_classes: int,
+        num_queries: int,
+        pixel_mean: Tuple[float, ...],
+        pixel_std: Tuple[float, ...],
+        aux_loss: bool = True,
+        with_box_refine: bool = False,
+        two_stage: bool = False,
+        detections_per_image: int = 100,
+    ):
+        """
+        Args:
+            backbone: a Detectron2 backbone whose features the neck consumes.
+            neck: see ``neck.py``; returns per-level features, masks and position encodings.
+            transformer: the deformable transformer; ``two_stage`` must match its own flag.
+            criterion: computes the weighted training losses.
+            num_classes: number of foreground classes.
+            num_queries: number of learned queries (ignored by two-stage, whose queries are the
+                transformer's ``two_stage_num_proposals`` encoder proposals).
+            pixel_mean, pixel_std: per-channel normalization of the input image.
+            aux_loss: also supervise every decoder layer but the last.
+            with_box_refine: iterative bounding box refinement.
+            two_stage: two-stage variant.
+            detections_per_image: top-k (query, class) pairs kept at inference.
+        """
+        super().__init__()
+        if two_stage and not with_box_refine:
+            # The transformer reads its proposal box head from decoder.bbox_embed (set by refine).
+            raise ValueError("two_stage=True requires with_box_refine=True (as the official code)")
+        if two_stage != transformer.two_stage:
+            raise ValueError(
+                f"two_stage ({two_stage}) must match transformer.two_stage "
+                f"({transformer.two_stage})"
+            )
+        self.backbone = backbone
+        self.neck = neck
+        self.transformer = transformer
+        self.criterion = criterion
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.aux_loss = aux_loss
+        self.with_box_refine = with_box_refine
+        self.two_stage = two_stage
+        self.detections_per_image = detections_per_image
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+        hidden_dim = transformer.d_model
+        class_embed = nn.Linear(hidden_dim, num_classes)
+        bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        if not two_stage:
+            self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
+
+        # Focal-loss prior: every class starts at probability 0.01.
+        prior_prob = 0.01
+        nn.init.constant_(class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
+        nn.init.constant_(bbox_embed.layers[-1].weight, 0)
+        nn.init.constant_(bbox_embed.layers[-1].bias, 0)
+
+        # Two-stage adds one class/box head for the encoder proposals, after the decoder's.
+        num_decoder_layers = transformer.decoder.num_layers
+        num_pred = num_decoder_layers + 1 if two_stage else num_decoder_layers
+        if with_box_refine:
+            self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_pred))
+            self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_pred))
+            # Small initial boxes (sigmoid(-2) ~ 0.12); official sets it on the first head only.
+            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
+            self.transformer.decoder.bbox_embed = self.bbox_embed
+        else:
+            nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
+            self.class_embed = nn.ModuleList(class_embed for _ in range(num_pred))
+            self.bbox_embed = nn.ModuleList(bbox_embed for _ in range(num_pred))
+        if two_stage:
+            self.transformer.decoder.class_embed = self.class_embed
+            # Box sizes come from the proposals, so the heads start without a size offset.
+            for box_embed in self.bbox_embed:
+                nn.init.constant_(box_embed.layers[-1].bias[2:], 0.0)
+
+    @classmethod
+    def from_config(cls, cfg):
+        dd = cfg.MODEL.DEFORMABLE_DETR
+        backbone = build_backbone(cfg)
+        neck = build_neck(cfg, backbone.output_shape())
+        transformer = DeformableTransformer(
+            d_model=dd.HIDDEN_DIM,
+            nhead=dd.NHEADS,
+            num_encoder_layers=dd.ENC_LAYERS,
+            num_decoder_layers=dd.DEC_LAYERS,
+            dim_feedforward=dd.DIM_FEEDFORWARD,
+            dropout=dd.DROPOUT,
+            num_feature_levels=dd.NUM_FEATURE_LEVELS,
+            dec_n_points=dd.DEC_N_POINTS,
+            enc_n_points=dd.ENC_N_POINTS,
+            two_stage=dd.TWO_STAGE,
+            two_stage_num_proposals=dd.TWO_STAGE_NUM_PROPOSALS,
+        )
+        matcher = HungarianMatcher(
+            cost_class=dd.COST_CLASS,
+            cost_bbox=dd.COST_BBOX,
+            cost_giou=dd.COST_GIOU,
+            focal_alpha=dd.FOCAL_ALPHA,
+            focal_gamma=dd.FOCAL_GAMMA,
+        )
+        weight_dict = {
+            "loss_ce": dd.CLS_LOSS_COEF,
+            "loss_bbox": dd.BBOX_LOSS_COEF,
+            "loss_giou": dd.GIOU_LOSS_COEF,
+        }
+        criterion = SetCriterion(
+            dd.NUM_CLASSES, matcher, weight_dict, focal_alpha=dd.FOCAL_ALPHA,
+            focal_gamma=dd.FOCAL_GAMMA,
+        )
+        return {
+            "backbone": backbone,
+            "neck": neck,
+            "transformer": transformer,
+            "criterion": criterion,
+            "num_classes": dd.NUM_CLASSES,
+            "num_queries": dd.NUM_QUERIES,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "aux_loss": dd.AUX_LOSS,
+            "with_box_refine": dd.WITH_BOX_REFINE,
+            "two_stage": dd.TWO_STAGE,
+            "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> Tuple[ImageList, torch.Tensor]:
+        """Normalize and pad the images; returns the ImageList and its (N, H, W) padding mask."""
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
+            for x in batched_inputs
+        ]
+        images = ImageList.from_tensors(
+            images,
+            self.backbone.size_divisibility,
+            padding_constraints=self.backbone.padding_constraints,
+        )
+        n, _, h, w = images.tensor.shape
+        padding_mask = torch.ones((n, h, w), dtype=torch.bool, device=self.device)
+        for mask, (img_h, img_w) in zip(padding_mask, images.image_sizes):
+            mask[:img_h, :img_w] = False
+        return images, padding_mask
+
+    def forward_raw(self, batched_inputs: List[Dict]) -> Dict[str, object]:
+        """
+        Run the network without losses or post-processing.
+
+        Returns:
+            dict with
+            "pred_logits": (num_decoder_layers, N, Q, num_classes) class logits of every layer;
+            "pred_boxes": (num_decoder_layers, N, Q, 4) boxes of every layer, (cx, cy, w, h)
+                normalized by the size of each (resized, unpadded) image;
+            "image_sizes": list of N (h, w) of the resized images;
+            "enc_outputs" (two-stage only): dict with "pred_logits" (N, S, num_classes) and
+                "pred_boxes" (N, S, 4) of the encoder proposals, S = number of encoder tokens.
+        """
+        images, padding_mask = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        srcs, masks, pos = self.neck(features, padding_mask)
+        query_embed = None if self.two_stage else self.query_embed.weight
+        hs, init_reference, inter_references, enc_class, enc_coord_unact = self.transformer(
+            srcs, masks, pos, query_embed
+        )
+
+        outputs_classes, outputs_coords = [], []
+        for lvl in range(hs.shape[0]):
+            reference = init_reference if lvl == 0 else inter_references[lvl - 1]
+            reference = inverse_sigmoid(reference)
+            delta = self.bbox_embed[lvl](hs[lvl])
+            if reference.shape[-1] == 4:
+                coord = delta + reference
+            else:
+                coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+            outputs_classes.append(self.class_embed[lvl](hs[lvl]))
+            outputs_coords.append(coord.sigmoid())
+
+        raw = {
+            "pred_logits": torch.stack(outputs_classes),
+            "pred_boxes": torch.stack(outputs_coords),
+            "image_sizes": images.image_sizes,
+        }
+        if self.two_stage:
+            raw["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid()}
+        return raw
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: list of dicts with "image" (C, H, W) and, in training, "instances";
+                optional "height"/"width" give the output resolution at inference.
+
+        Returns:
+            training: dict of weighted losses; inference: list of {"instances": Instances}.
+        """
+        if self.training and any("instances" not in x for x in batched_inputs):
+            raise ValueError("training inputs must all contain 'instances'")
+        raw = self.forward_raw(batched_inputs)
+        if self.training:
+            targets = self.prepare_targets(
+                [x["instances"].to(self.device) for x in batched_inputs], raw["image_sizes"]
+            )
+            outputs = {"pred_logits": raw["pred_logits"][-1], "pred_boxes": raw["pred_boxes"][-1]}
+            if self.aux_loss:
+                outputs["aux_outputs"] = [
+                    {"pred_logits": c, "pred_boxes": b}
+                    for c, b in zip(raw["pred_logits"][:-1], raw["pred_boxes"][:-1])
+                ]
+            if self.two_stage:
+                outputs["enc_outputs"] = raw["enc_outputs"]
+            return self.criterion(outputs, targets)
+
+        results = self.inference(raw["pred_logits"][-1], raw["pred_boxes"][-1], raw["image_sizes"])
+        processed = []
+        for result, input_per_image, image_size in zip(
+            results, batched_inputs, raw["image_sizes"]
+        ):
+            height = input_per_image.get("height", image_size[0])
+            width = input_per_image.get("width", image_size[1])
+            processed.append({"instances": detector_postprocess(result, height, width)})
+        return processed
+
+    def prepare_targets(
+        self, gt_instances: List[Instances], image_sizes: List[Tuple[int, int]]
+    ) -> List[Dict[str, torch.Tensor]]:
+        """Instances with XYXY absolute ``gt_boxes`` -> dicts of labels and normalized cxcywh."""
+        targets = []
+        for instances, (h, w) in zip(gt_instances, image_sizes):
+            labels = instances.gt_classes
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(
+                    f"gt_classes must be in [0, {self.num_classes}) "
+                    f"(MODEL.DEFORMABLE_DETR.NUM_CLASSES), got {labels.unique().tolist()}"
+                )
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
+            boxes = box_convert(instances.gt_boxes.tensor / scale, "xyxy", "cxcywh")
+            targets.append({"labels": labels, "boxes": boxes})
+        return targets
+
+    def inference(
+        self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, image_sizes
+    ) -> List[Instances]:
+        """
+        Keep the top ``detections_per_image`` (query, class) pairs by sigmoid score.
+
+        Args:
+            pred_logits: (N, Q, K); pred_boxes: (N, Q, 4) normalized cxcywh.
+            image_sizes: N (h, w) of the resized images the boxes are relative to.
+
+        Returns:
+            N Instances with ``pred_boxes`` (XYXY absolute, resized-image frame), ``scores``,
+            ``pred_classes``.
+        """
+        n, num_queries, num_classes = pred_logits.shape
+        # Rank and scale in float32 whatever the autocast dtype of the heads.
+        pred_logits, pred_boxes = pred_logits.float(), pred_boxes.float()
+        prob = pred_logits.sigmoid().view(n, -1)
+        k = min(self.detections_per_image, prob.shape[1])
+        scores, topk_indexes = torch.topk(prob, k, dim=1)
+        query_index = topk_indexes // num_classes
+        labels = topk_indexes % num_classes
+        boxes = box_convert(pred_boxes, "cxcywh", "xyxy")
+        boxes = torch.gather(boxes, 1, query_index.unsqueeze(-1).repeat(1, 1, 4))
+
+        results = []
+        for i, (h, w) in enumerate(image_sizes):
+            result = Instances((h, w))
+            scale = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
+            result.pred_boxes = Boxes(boxes[i] * scale)
+            result.scores = scores[i]
+            result.pred_classes = labels[i]
+            results.append(result)
+        return results

@@ -1,0 +1,101 @@
+import math
+
+import pytest
+import torch
+
+from deformable_detr.modeling.criterion import SetCriterion
+
+WEIGHTS = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 3.0}
+
+
+def _fixed_matcher(indices):
+    return lambda outputs, targets: [
+        (torch.tensor(s, dtype=torch.int64), torch.tensor(t, dtype=torch.int64)) for s, t in indices
+    ]
+
+
+def _focal(x, t, alpha=0.25, gamma=2.0):
+    p = 1 / (1 + math.exp(-x))
+    ce = -(t * math.log(p) + (1 - t) * math.log(1 - p))
+    p_t = p * t + (1 - p) * (1 - t)
+    alpha_t = alpha * t + (1 - alpha) * (1 - t)
+    return alpha_t * ce * (1 - p_t) ** gamma
+
+
+def _case():
+    # One image, 2 queries, 2 classes, one target of class 1 matched to query 0.
+    logits = [[0.5, -1.0], [2.0, 0.3]]
+    outputs = {
+        "pred_logits": torch.tensor([logits]),
+        # query 0 as xyxy [0, 0, 0.5, 0.5]
+        "pred_boxes": torch.tensor([[[0.25, 0.25, 0.5, 0.5], [0.5, 0.5, 0.2, 0.2]]]),
+    }
+    # target as xyxy [0.25, 0.25, 0.75, 0.75]
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.5]])}]
+    return logits, outputs, targets
+
+
+def test_losses_match_hand_computation():
+    logits, outputs, targets = _case()
+    criterion = SetCriterion(2, _fixed_matcher([([0], [0])]), WEIGHTS)
+    losses = criterion(outputs, targets)
+    assert set(losses) == {"loss_ce", "loss_bbox", "loss_giou"}
+
+    onehot = [[0, 1], [0, 0]]
+    focal = sum(_focal(logits[q][k], onehot[q][k]) for q in range(2) for k in range(2))
+    assert losses["loss_ce"].item() == pytest.approx(2.0 * focal, rel=1e-5)
+    l1 = 0.25 + 0.25 + 0.0 + 0.0
+    assert losses["loss_bbox"].item() == pytest.approx(5.0 * l1, rel=1e-5)
+    # IoU 1/7, enclosing box area 0.5625, union 0.4375.
+    giou = 1 / 7 - (0.5625 - 0.4375) / 0.5625
+    assert losses["loss_giou"].item() == pytest.approx(3.0 * (1 - giou), rel=1e-5)
+
+
+def test_normalized_by_number_of_boxes():
+    logits, outputs, targets = _case()
+    two = {k: torch.cat([v, v]) for k, v in outputs.items()}
+    criterion = SetCriterion(2, _fixed_matcher([([0], [0]), ([0], [0])]), WEIGHTS)
+    single = SetCriterion(2, _fixed_matcher([([0], [0])]), WEIGHTS)(outputs, targets)
+    double = criterion(two, targets + targets)
+    for k in single:
+        assert double[k].item() == pytest.approx(single[k].item(), rel=1e-5)
+
+
+def test_no_targets_clamps_normalizer_to_one():
+    logits, outputs, _ = _case()
+    empty = [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    losses = SetCriterion(2, _fixed_matcher([([], [])]), WEIGHTS)(outputs, empty)
+    focal = sum(_focal(x, 0) for row in logits for x in row)
+    assert losses["loss_ce"].item() == pytest.approx(2.0 * focal, rel=1e-5)
+    assert losses["loss_bbox"].item() == 0 and losses["loss_giou"].item() == 0
+
+
+def test_aux_and_encoder_losses():
+    logits, outputs, targets = _case()
+    calls = []
+
+    def matcher(out, tgts):
+        calls.append([t["labels"].tolist() for t in tgts])
+        return [(torch.tensor([0]), torch.tensor([0]))]
+
+    outputs = dict(outputs)
+    outputs["aux_outputs"] = [dict(outputs), dict(outputs)]
+    outputs["enc_outputs"] = {k: outputs[k] for k in ("pred_logits", "pred_boxes")}
+    losses = SetCriterion(2, matcher, WEIGHTS)(outputs, targets)
+    assert set(losses) == {f"{k}{s}" for k in WEIGHTS for s in ("", "_0", "_1", "_enc")}
+    # Every output is matched on its own; the encoder against class-agnostic (class 0) targets.
+    assert calls == [[[1]], [[1]], [[1]], [[0]]]
+    assert losses["loss_bbox_0"].item() == pytest.approx(losses["loss_bbox"].item())
+    onehot_enc = [[1, 0], [0, 0]]
+    focal_enc = sum(_focal(logits[q][k], onehot_enc[q][k]) for q in range(2) for k in range(2))
+    assert losses["loss_ce_enc"].item() == pytest.approx(2.0 * focal_enc, rel=1e-5)
+
+
+def test_gradients_flow_to_logits_and_boxes():
+    _, outputs, targets = _case()
+    outputs = {k: v.clone().requires_grad_() for k, v in outputs.items()}
+    losses = SetCriterion(2, _fixed_matcher([([0], [0])]), WEIGHTS)(outputs, targets)
+    sum(losses.values()).backward()
+    assert outputs["pred_logits"].grad.abs().sum() > 0
+    assert outputs["pred_boxes"].grad[0, 0].abs().sum() > 0
+    assert (outputs["pred_boxes"].grad[0, 1] == 0).all()

@@ -1,0 +1,125 @@
+import numpy as np
+import pytest
+import torch
+from detectron2.data import transforms as T
+from detectron2.structures import BoxMode
+from PIL import Image
+from tiny_deformable_detr import tiny_cfg
+
+from deformable_detr.data.dataset_mapper import (
+    DetrDatasetMapper,
+    DetrResizeShortestEdge,
+    build_detr_augmentation,
+)
+
+
+def _image_file(tmp_path, mode="RGB", size=(80, 64), name="img.png"):
+    w, h = size
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    array = np.random.default_rng(0).integers(0, 255, (h, w, channels), dtype=np.uint8)
+    path = tmp_path / name
+    Image.fromarray(array.squeeze(-1) if channels == 1 else array, mode).save(path)
+    return str(path)
+
+
+def _record(file_name, annotations, size=(80, 64)):
+    return {"file_name": file_name, "width": size[0], "height": size[1], "image_id": 1,
+            "annotations": annotations}
+
+
+def _box(x0, y0, x1, y1, category_id=0, **extra):
+    return {"bbox": [x0, y0, x1, y1], "bbox_mode": BoxMode.XYXY_ABS, "category_id": category_id,
+            **extra}
+
+
+def _identity_mapper(cfg, augmentations=()):
+    return DetrDatasetMapper(True, augmentations=list(augmentations), image_format="RGB",
+                             num_classes=cfg.MODEL.DEFORMABLE_DETR.NUM_CLASSES)
+
+
+def test_train_augmentation_matches_official_recipe():
+    cfg = tiny_cfg()
+    augs = build_detr_augmentation(cfg, True)
+    assert [type(a) for a in augs] == [T.RandomFlip, T.RandomApply, DetrResizeShortestEdge]
+    resize_and_crop = augs[1].aug
+    assert augs[1].prob == 0.5
+    assert [type(a) for a in resize_and_crop.augs] == [DetrResizeShortestEdge, T.RandomCrop]
+    assert resize_and_crop.augs[1].crop_type == "absolute_range"
+    test_augs = build_detr_augmentation(cfg, False)
+    assert len(test_augs) == 1 and test_augs[0].short_edge_length == (96, 96)
+
+
+def test_train_output_sizes_and_boxes(tmp_path):
+    cfg = tiny_cfg()
+    mapper = DetrDatasetMapper(cfg, True)
+    file_name = _image_file(tmp_path, size=(120, 90))
+    record = _record(file_name, [_box(10, 10, 100, 80, 1)], size=(120, 90))
+    np.random.seed(0)
+    for _ in range(20):
+        out = mapper(record)
+        image, inst = out["image"], out["instances"]
+        assert image.dtype == torch.uint8 and image.shape[0] == 3
+        h, w = image.shape[1:]
+        assert min(h, w) in (64, 80) and max(h, w) <= 128
+        assert inst.image_size == (h, w) and len(inst) <= 1
+        if len(inst):
+            box = inst.gt_boxes.tensor[0]
+            assert (box[2:] > box[:2]).all() and box[2] <= w and box[3] <= h
+            assert inst.gt_classes.tolist() == [1]
+    assert "annotations" not in out
+
+
+def test_test_mode_drops_annotations(tmp_path):
+    mapper = DetrDatasetMapper(tiny_cfg(), False)
+    out = mapper(_record(_image_file(tmp_path), [_box(1, 1, 20, 20)]))
+    assert "annotations" not in out and "instances" not in out
+    assert out["image"].shape == (3, 96, 120)
+
+
+def test_zero_area_and_crowd_boxes_dropped(tmp_path):
+    mapper = _identity_mapper(tiny_cfg())
+    record = _record(_image_file(tmp_path), [
+        _box(10, 10, 30, 30, 0), _box(40, 20, 40, 50, 1), _box(5, 5, 20, 20, 2, iscrowd=1),
+        _box(50, 10, 70, 10, 2),
+    ])
+    inst = mapper(record)["instances"]
+    assert inst.gt_classes.tolist() == [0]
+    assert inst.gt_boxes.tensor.tolist() == [[10, 10, 30, 30]]
+
+
+def test_boxes_cropped_away_leave_an_image_without_instances(tmp_path):
+    mapper = _identity_mapper(tiny_cfg(), [T.CropTransform(0, 0, 32, 32)])
+    inst = mapper(_record(_image_file(tmp_path), [_box(50, 40, 75, 60, 0)]))["instances"]
+    assert len(inst) == 0 and inst.image_size == (32, 32)
+    no_annotations = _record(_image_file(tmp_path), [])
+    assert len(_identity_mapper(tiny_cfg())(no_annotations)["instances"]) == 0
+
+
+def test_class_id_out_of_range_names_the_file(tmp_path):
+    file_name = _image_file(tmp_path, name="bad_labels.png")
+    mapper = _identity_mapper(tiny_cfg())
+    with pytest.raises(ValueError, match=r"bad_labels\.png.*category_id 3.*NUM_CLASSES"):
+        mapper(_record(file_name, [_box(1, 1, 20, 20, 3)]))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA"])
+def test_grayscale_and_rgba_images_become_three_channels(tmp_path, mode):
+    mapper = DetrDatasetMapper(tiny_cfg(), True)
+    out = mapper(_record(_image_file(tmp_path, mode=mode), [_box(10, 10, 60, 50, 0)]))
+    assert out["image"].shape[0] == 3 and out["image"].dtype == torch.uint8
+    if mode == "L":
+        assert torch.equal(out["image"][0], out["image"][1])
+
+
+@pytest.mark.parametrize(
+    "height, width, expected",
+    [(480, 640, (800, 1066)), (640, 480, (1066, 800)), (500, 2000, (333, 1332)), (800, 900, None)],
+)
+def test_resize_matches_the_official_output_size(height, width, expected):
+    transform = DetrResizeShortestEdge(800, 1333, "choice").get_transform(
+        np.zeros((height, width, 3), np.uint8)
+    )
+    if expected is None:
+        assert isinstance(transform, T.NoOpTransform)
+    else:
+        assert (transform.new_h, transform.new_w) == expected

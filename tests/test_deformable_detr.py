@@ -1,0 +1,235 @@
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from detectron2.engine import DefaultPredictor
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
+from detectron2.structures import Instances, pairwise_iou
+from tiny_deformable_detr import VARIANTS, instances, synthetic_scenes, tiny_cfg
+
+from deformable_detr.modeling import DeformableDETR
+
+
+def _batch(with_empty=False):
+    """Two images of different sizes (so one is padded) with ground truth."""
+    batch = [
+        {"image": torch.rand(3, 64, 80) * 255,
+         "instances": instances((64, 80), [[5, 5, 30, 40], [40, 10, 70, 60]], [0, 2])},
+        {"image": torch.rand(3, 48, 64) * 255,
+         "instances": instances((48, 64), [[10, 8, 50, 40]], [1])},
+    ]
+    if with_empty:
+        batch[1]["instances"] = instances((48, 64), [], [])
+    return batch
+
+
+def _model(variant="multi_scale", **overrides):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(variant)
+    for key, value in overrides.items():
+        setattr(cfg.MODEL.DEFORMABLE_DETR, key, value)
+    return build_model(cfg)
+
+
+def test_registered():
+    assert META_ARCH_REGISTRY.get("DeformableDETR") is DeformableDETR
+
+
+def test_backbone_stem_res2_and_bn_frozen():
+    model = _model()
+    frozen = [n for n, p in model.backbone.named_parameters() if not p.requires_grad]
+    assert any(n.startswith("stem.") for n in frozen) and any(n.startswith("res2.") for n in frozen)
+    assert all(p.requires_grad for n, p in model.backbone.named_parameters()
+               if n.startswith(("res3.", "res4.", "res5.")) and "norm" not in n)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+
+
+def test_heads_initialized_as_official():
+    model = _model()
+    prior_bias = -math.log((1 - 0.01) / 0.01)
+    assert torch.allclose(model.class_embed[0].bias, torch.full((3,), prior_bias))
+    last = model.bbox_embed[0].layers[-1]
+    assert len(model.bbox_embed[0].layers) == 3 and (last.weight == 0).all()
+    assert torch.equal(last.bias, torch.tensor([0.0, 0.0, -2.0, -2.0]))
+    # Without refinement every decoder layer shares one head (as the official ModuleList).
+    assert model.class_embed[0] is model.class_embed[1]
+    assert model.bbox_embed[0] is model.bbox_embed[1]
+    assert model.query_embed.weight.shape == (12, 64)
+
+    refine = _model("box_refine")
+    assert refine.bbox_embed[0] is not refine.bbox_embed[1]
+    assert refine.transformer.decoder.bbox_embed is refine.bbox_embed
+    assert "transformer.decoder.bbox_embed.1.layers.2.bias" in refine.state_dict()
+
+    two = _model("two_stage")
+    assert len(two.class_embed) == len(two.bbox_embed) == 3  # 2 decoder layers + encoder
+    assert two.transformer.decoder.class_embed is two.class_embed
+    assert all((b.layers[-1].bias == 0).all() for b in two.bbox_embed)
+    assert not hasattr(two, "query_embed")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_forward_backward_reaches_every_trainable_parameter(variant):
+    model = _model(variant)
+    model.train()
+    losses = model(_batch())
+    expected = {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_bbox_0", "loss_giou_0"}
+    if variant == "two_stage":
+        expected |= {"loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"}
+    assert set(losses) == expected
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
+
+    # At initialization two groups get exactly zero gradient by design: the box MLPs' hidden
+    # layers (behind their zero-init last layer) and level_embed (it only reaches the loss through
+    # MSDeformAttn's zero-init sampling_offsets/attention_weights weights). Check that these are
+    # the only ones, take one SGD step, then require a nonzero gradient for every parameter.
+    params = [p for p in model.parameters() if p.requires_grad]
+    sum(losses.values()).backward()
+    zero_at_init = {n for n, p in model.named_parameters()
+                    if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)}
+    explained = re.compile(
+        r"(transformer\.level_embed|.*bbox_embed\.\d+\.layers\.[01]\.(weight|bias))$"
+    )
+    assert zero_at_init and all(explained.match(n) for n in zero_at_init), zero_at_init
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p -= 0.01 * p.grad.sign()
+    model.zero_grad(set_to_none=True)
+    sum(model(_batch()).values()).backward()
+    missing = [n for n, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert missing == []
+
+
+@pytest.mark.parametrize("variant", ["multi_scale", "two_stage"])
+def test_forward_raw_and_inference_outputs(variant):
+    model = _model(variant)
+    model.eval()
+    batch = [{"image": torch.rand(3, 64, 80) * 255, "height": 128, "width": 160},
+             {"image": torch.rand(3, 48, 64) * 255}]
+    with torch.no_grad():
+        raw = model.forward_raw(batch)
+        results = model(batch)
+    assert raw["pred_logits"].shape == (2, 2, 12, 3)
+    assert raw["pred_boxes"].shape == (2, 2, 12, 4)
+    assert ((raw["pred_boxes"] >= 0) & (raw["pred_boxes"] <= 1)).all()
+    assert raw["image_sizes"] == [(64, 80), (48, 64)]
+    assert ("enc_outputs" in raw) == (variant == "two_stage")
+
+    assert len(results) == 2
+    first, second = results[0]["instances"], results[1]["instances"]
+    assert first.image_size == (128, 160) and second.image_size == (48, 64)
+    for inst in (first, second):
+        assert set(inst.get_fields()) == {"pred_boxes", "scores", "pred_classes"}
+        assert 0 < len(inst) <= 12 * 3  # top-100 capped by queries x classes
+        assert (inst.scores[:-1] >= inst.scores[1:]).all()
+        assert inst.pred_classes.dtype == torch.int64 and inst.pred_classes.max() < 3
+    # Boxes are rescaled to the requested output size: compare with the raw last layer.
+    logits, boxes = raw["pred_logits"][-1, 0], raw["pred_boxes"][-1, 0]
+    flat = logits.sigmoid().flatten()
+    top = int(flat.argmax())
+    cx, cy, w, h = boxes[top // 3].tolist()
+    expected = torch.tensor([(cx - w / 2) * 160, (cy - h / 2) * 128, (cx + w / 2) * 160,
+                             (cy + h / 2) * 128])
+    expected = torch.min(expected.clamp(min=0), torch.tensor([160.0, 128.0, 160.0, 128.0]))
+    assert first.scores[0].item() == pytest.approx(flat.max().item())
+    assert torch.allclose(first.pred_boxes.tensor[0], expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("variant", ["multi_scale", "two_stage"])
+def test_mixed_precision_forward_backward(variant):
+    # CPU bfloat16 autocast stands in for CUDA AMP here: losses and outputs stay float32.
+    model = _model(variant)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(_batch())
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        inst = model([{"image": torch.rand(3, 64, 80) * 255}])[0]["instances"]
+    assert inst.scores.dtype == torch.float32 and inst.pred_boxes.tensor.dtype == torch.float32
+
+
+def test_image_without_annotations_trains():
+    model = _model()
+    model.train()
+    losses = model(_batch(with_empty=True))
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    # (64, 80) keeps >1 value per GroupNorm group at the 1/64 level of the tiny 32-channel neck.
+    only_empty = [{"image": torch.rand(3, 64, 80) * 255, "instances": instances((64, 80), [], [])}]
+    losses = model(only_empty)
+    assert losses["loss_bbox"].item() == 0 and losses["loss_ce"].item() > 0
+
+
+def test_bad_inputs_are_clear_errors():
+    model = _model()
+    model.train()
+    batch = _batch()
+    batch[0]["instances"].gt_classes[0] = 3
+    with pytest.raises(ValueError, match="NUM_CLASSES"):
+        model(batch)
+    with pytest.raises(ValueError, match="instances"):
+        model([{"image": torch.rand(3, 32, 32)}])
+    with pytest.raises(ValueError, match="with_box_refine"):
+        _model("two_stage", WITH_BOX_REFINE=False)
+
+
+def test_default_predictor_on_real_photo():
+    skimage_data = pytest.importorskip("skimage.data")
+    cfg = tiny_cfg()
+    cfg.INPUT.MIN_SIZE_TEST = 128
+    torch.manual_seed(0)
+    predictor = DefaultPredictor(cfg)
+    image_bgr = np.ascontiguousarray(skimage_data.astronaut()[:, :, ::-1])
+    with torch.no_grad():
+        out = predictor(image_bgr)["instances"]
+    assert isinstance(out, Instances) and out.image_size == (512, 512)
+    assert 0 < len(out) <= cfg.TEST.DETECTIONS_PER_IMAGE
+    boxes = out.pred_boxes.tensor
+    assert boxes.shape == (len(out), 4) and torch.isfinite(boxes).all()
+    assert (boxes[:, 2:] >= boxes[:, :2]).all() and boxes.min() >= 0 and boxes.max() <= 512
+    assert ((out.scores >= 0) & (out.scores <= 1)).all()
+    assert ((out.pred_classes >= 0) & (out.pred_classes < 3)).all()
+
+
+@pytest.mark.slow
+def test_overfits_a_few_synthetic_images():
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0  # random backbone weights: let the stem learn too
+    dd = cfg.MODEL.DEFORMABLE_DETR
+    dd.DROPOUT = 0.0
+    dd.HIDDEN_DIM = 64
+    dd.NUM_QUERIES = 10
+    model = build_model(cfg)
+    model.train()
+    batch = [{"image": torch.as_tensor(image).permute(2, 0, 1).float(),
+              "instances": instances(image.shape[:2], boxes, classes)}
+             for image, boxes, classes in synthetic_scenes(4)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    first = None
+    for _ in range(250):
+        loss = sum(model(batch).values())
+        first = loss.item() if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if loss.item() < first / 25:
+            break
+    assert loss.item() < first / 25, (first, loss.item())
+
+    model.eval()
+    with torch.no_grad():
+        outputs = model([{"image": x["image"]} for x in batch])
+    for output, x in zip(outputs, batch):
+        pred, gt = output["instances"], x["instances"]
+        for j in range(len(gt)):
+            best = pred[pred.pred_classes == gt.gt_classes[j]][:1]
+            assert len(best) == 1 and best.scores.item() > 0.3
+            assert pairwise_iou(best.pred_boxes, gt.gt_boxes[j : j + 1]).item() > 0.5

