@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 SETUP_INPUTS := tools/setup_env.sh setup.py pyproject.toml requirements/detectron2.txt \
-	requirements/detectron2-runtime.txt $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
+	requirements/detectron2-runtime.txt requirements/demo-data.txt $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 DEMO_CONFIG ?= configs/demo/deformable_detr_mnv2_trees.yaml
 PYTEST_ARGS ?=
 

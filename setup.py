@@ -10,9 +10,8 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
-
 import torch
+from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -24,7 +23,8 @@ def _cuda_requested():
     force = os.environ.get("FORCE_CUDA")
     if force is not None:
         return force == "1"
-    return CUDA_HOME is not None and shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")) is not None
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+    return nvcc is not None and shutil.which(nvcc) is not None
 
 
 def _sources(pattern):
@@ -32,7 +32,8 @@ def _sources(pattern):
 
 
 def _extension(with_cuda):
-    cxx_flags = ["-O3", "-std=c++20"]
+    # optional: a failed build leaves nothing to copy, instead of failing an editable install
+    cxx_flags = ["-O3", "-std=c++20"]  # torch 2.14's headers need C++20
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         return CUDAExtension(
@@ -40,13 +41,15 @@ def _extension(with_cuda):
             sources=_sources("*.cpp") + _sources("*.cu"),
             include_dirs=[os.path.join(ROOT, CSRC)],
             define_macros=[("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++20"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
+            optional=True,
         )
     return CppExtension(
         "deformable_detr._C",
         sources=_sources("*.cpp"),
         include_dirs=[os.path.join(ROOT, CSRC)],
         extra_compile_args={"cxx": cxx_flags},
+        optional=True,
     )
 
 
@@ -66,7 +69,7 @@ class BuildExtensionWithFallback(BuildExtension):
                 raise
             cuda_sources = [s for s in ext.sources if s.endswith(".cu")]
             if cuda_sources:
-                print(f"WARNING: CUDA build of {ext.name} failed ({error}); building CPU kernels only.")
+                print(f"WARNING: CUDA build of {ext.name} failed ({error}); building CPU kernels.")
                 cpu_ext = _extension(with_cuda=False)
                 for attribute in _BUILD_ATTRIBUTES:
                     setattr(ext, attribute, getattr(cpu_ext, attribute))
@@ -81,7 +84,7 @@ class BuildExtensionWithFallback(BuildExtension):
 
 
 os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
-print(f"deformable_detr: building with torch {torch.__version__}, CUDA kernels: {_cuda_requested()}")
+print(f"deformable_detr: torch {torch.__version__}, CUDA kernels requested: {_cuda_requested()}")
 
 setup(
     ext_modules=[_extension(with_cuda=_cuda_requested())],

@@ -15,19 +15,20 @@ already resized RGB uint8-range float image, batch 1, in eval mode under ``torch
 Models: the multi-scale R50 model (``configs/deformable_detr_R50_50ep.yaml``) at 800x1333, with
 random weights shared with the HF peer through ``deformable_detr.checkpoint_conversion`` (the
 logits and boxes of both are compared), and the demo model
-(``configs/demo/deformable_detr_mnv2_trees.yaml``) on a 400x400 tile. Each model also runs with
-the pure-PyTorch op (``DEFORMABLE_DETR_MSDA_IMPL=pytorch``) to isolate the compiled op's share.
-The candidates take turns every iteration; images/s is 1 / mean latency.
+(``configs/demo/deformable_detr_mnv2_trees.yaml``) on a 400x400 tile, which has no HF peer
+(see ``NO_HF_PEER``). Each model also runs with the pure-PyTorch op
+(``DEFORMABLE_DETR_MSDA_IMPL=pytorch``) to isolate the compiled op's share. The candidates take
+turns every iteration; images/s is 1 / mean latency.
 """
 
 import argparse
+import importlib.util
 import os
 import sys
 from contextlib import contextmanager
 
 import torch
-
-from common import (
+from benchmark_utils import (
     DEMO_CONFIG,
     R50_CONFIG,
     autocast,
@@ -40,12 +41,25 @@ from common import (
     setup_threads,
     time_round_robin,
 )
+
 from deformable_detr.layers.ms_deform_attn_op import IMPL_ENV_VAR
 
-# (config, full-size input (H, W), quick input (H, W), config options of the quick run)
+# A shallower transformer with fewer queries for --quick (same backbone and op).
+QUICK_OPTS = [
+    "MODEL.DEFORMABLE_DETR.ENC_LAYERS", "2",
+    "MODEL.DEFORMABLE_DETR.DEC_LAYERS", "2",
+    "MODEL.DEFORMABLE_DETR.NUM_QUERIES", "50",
+    "MODEL.DEFORMABLE_DETR.TWO_STAGE_NUM_PROPOSALS", "50",
+]
+# Why the demo model has no HF peer.
+NO_HF_PEER = (
+    "the converter maps ResNet-50 COCO models only, and HF cannot build this one: freezing "
+    "BatchNorm replaces timm MobileNetV2's BatchNormAct2d by a plain BN, dropping its ReLU6"
+)
+# name -> (config, input (H, W), --quick input (H, W))
 MODELS = {
-    "R50 multi-scale": (R50_CONFIG, (800, 1333), (192, 320), []),
-    "demo MobileNetV2": (DEMO_CONFIG, (400, 400), (192, 192), []),
+    "R50 multi-scale": (R50_CONFIG, (800, 1333), (128, 213)),
+    "demo MobileNetV2": (DEMO_CONFIG, (400, 400), (128, 128)),
 }
 
 
@@ -95,7 +109,7 @@ def hf_candidate(hf, image, pixel_mean, pixel_std, args):
     return run
 
 
-def max_diffs(model, image, hf, rows, args):
+def hf_diffs(model, image, hf, rows, args):
     """Max abs differences of the last decoder layer's logits and boxes: plugin vs HF."""
     with torch.no_grad(), autocast(args.device, args.dtype):
         raw = model.forward_raw([{"image": image}])
@@ -131,19 +145,24 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
+    missing = [name for name in ("transformers", "timm") if importlib.util.find_spec(name) is None]
+    if missing and not args.no_hf:
+        parser.error(f"the HF peer needs {' and '.join(missing)} (pip install transformers timm); "
+                     "or pass --no-hf")
     setup_threads(args.threads)
     iters = args.iters or (2 if args.quick else 10)
     warmup = 1 if args.quick else 2
 
     print(f"# inference, batch 1, {args.dtype}, {machine(args.device, args.threads)}")
     print(f"# {iters} timed calls per candidate after {warmup} warm-up, taking turns")
-    print("| model | input | implementation | images/s | p50 (ms) | p90 (ms) | vs HF |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | input | implementation | images/s | p50 (ms) | p90 (ms) | vs HF "
+          "| vs pytorch op |")
+    print("|---|---|---|---|---|---|---|---|")
     notes = []
-    ratios = {}
+    results = {"speedup_vs_hf": {}, "speedup_vs_pytorch_op": {}, "max_abs_diff": {}}
     for name in args.models:
-        config, full_size, quick_size, quick_opts = MODELS[name]
-        cfg = load_cfg(config, quick_opts if args.quick else [])
+        config, full_size, quick_size = MODELS[name]
+        cfg = load_cfg(config, QUICK_OPTS if args.quick else [])
         height, width = quick_size if args.quick else full_size
         image = random_image(height, width, args.device)
         with_hf = not args.no_hf and cfg.MODEL.BACKBONE.NAME.endswith("resnet_backbone")
@@ -161,32 +180,31 @@ def main(argv=None):
                 hf, image, model.pixel_mean, model.pixel_std, args
             )
         seconds = time_round_robin(candidates, iters, warmup, args.device)
-        hf_mean = sum(seconds["HF transformers"]) / iters if with_hf else None
+        means = {impl: sum(values) / len(values) for impl, values in seconds.items()}
         for impl, values in seconds.items():
-            mean = sum(values) / len(values)
-            versus = f"{hf_mean / mean:.2f}x" if with_hf else "n/a"
-            ratios[(name, impl)] = hf_mean / mean if with_hf else None
+            versus_hf = means.get("HF transformers", float("nan")) / means[impl]
+            versus_op = means["plugin (pytorch op)"] / means[impl]
+            results["speedup_vs_hf"][(name, impl)] = versus_hf
+            results["speedup_vs_pytorch_op"][(name, impl)] = versus_op
             print(
-                f"| {name} | {height}x{width} | {impl} | {1 / mean:.2f} "
+                f"| {name} | {height}x{width} | {impl} | {1 / means[impl]:.2f} "
                 f"| {percentile(values, 50) * 1e3:.0f} | {percentile(values, 90) * 1e3:.0f} "
-                f"| {versus} |",
+                f"| {'n/a' if not with_hf else f'{versus_hf:.2f}x'} | {versus_op:.2f}x |",
                 flush=True,
             )
-        logits, boxes = op_diffs(model, image, args)
-        notes.append(
-            f"# {name}: compiled vs pytorch op, max abs diff logits {logits:.2e}, boxes {boxes:.2e}"
-        )
+        diffs = {"pytorch op": op_diffs(model, image, args)}
         if with_hf:
-            logits, boxes = max_diffs(model, image, hf, rows, args)
-            notes.append(
-                f"# {name}: plugin vs HF, max abs diff logits {logits:.2e}, boxes {boxes:.2e}"
-            )
+            diffs["HF"] = hf_diffs(model, image, hf, rows, args)
         else:
+            notes.append(f"# {name}: no HF peer ({NO_HF_PEER})")
+        for other, (logits, boxes) in diffs.items():
+            results["max_abs_diff"][(name, other)] = (logits, boxes)
             notes.append(
-                f"# {name}: no HF peer (the converter maps ResNet-50 / COCO-class models only)"
+                f"# {name}: plugin (compiled op) vs {other}: max abs diff of the last decoder "
+                f"layer's logits {logits:.2e}, boxes {boxes:.2e}"
             )
     print("\n".join(notes))
-    return ratios
+    return results
 
 
 if __name__ == "__main__":

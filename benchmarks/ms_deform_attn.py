@@ -76,7 +76,8 @@ def minimal_bytes(inputs, backward):
     written = output
     if backward:
         # grad_value is zeroed, then read and written; grad locations and weights written once
-        written = 3 * value.numel() * 4 + (locations.numel() + weights.numel()) * 4
+        opmath_size = locations.element_size()
+        written = (3 * value.numel() + locations.numel() + weights.numel()) * opmath_size
     return read + written
 
 
@@ -127,7 +128,7 @@ def main(argv=None):
         parser.error("--device cuda: no CUDA device")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    repeat = args.repeat or (3 if args.quick else 5 if args.device == "cpu" else 20)
+    repeat = args.repeat or (5 if args.device == "cpu" else 20)
     levels = QUICK_LEVELS if args.quick else FULL_LEVELS
 
     os.environ[IMPL_ENV_VAR] = "compiled"

@@ -12,8 +12,8 @@ import sys
 import torch
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
-from torch.nn.parallel import DistributedDataParallel
 from tiny_training import import_train_net
+from torch.nn.parallel import DistributedDataParallel
 
 WORLD_SIZE = 2
 

@@ -4,7 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from deformable_detr.checkpoint import AtomicDetectionCheckpointer, CorruptCheckpointError, atomic_write
+from deformable_detr.checkpoint import (
+    AtomicDetectionCheckpointer,
+    CorruptCheckpointError,
+    atomic_write,
+)
 
 
 def _checkpointer(tmp_path):

@@ -2,7 +2,7 @@ import logging
 
 import pytest
 import torch
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from tiny_deformable_detr import tiny_cfg
 from tiny_training import coco_spec, import_train_net, tiny_train_cfg
@@ -25,6 +25,7 @@ def tiny_dataset(tmp_path_factory):
     register_user_coco(name, coco_spec(tmp_path_factory.mktemp("coco")), 3)
     yield name
     DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
 
 
 def _trainer(cfg):
@@ -76,7 +77,8 @@ def test_nan_loss_stops_training_naming_iteration_and_term_and_keeps_last_checkp
     assert not (tmp_path / "model_final.pth").exists()
     checkpoint = torch.load(tmp_path / "model_0000003.pth", weights_only=False)
     assert checkpoint["iteration"] == 3
-    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+    weights = [v for v in checkpoint["model"].values() if v.is_floating_point()]
+    assert all(torch.isfinite(v).all() for v in weights)
     # The failing iteration stopped before the optimizer step: the weights are still finite.
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 

@@ -167,3 +167,16 @@ def test_spatial_shapes_must_cover_input():
 def test_d_model_divisible_by_heads():
     with pytest.raises(ValueError, match=r"d_model \(30\) must be divisible by n_heads \(4\)"):
         MSDeformAttn(d_model=30, n_heads=4)
+
+
+def test_module_compiles_fullgraph():
+    module = make_module()
+    randomize(module)
+    query, reference_points, input_flatten = make_inputs()
+    mask = torch.zeros(2, S, dtype=torch.bool)
+    mask[:, 60:] = True
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(
+        compiled(query, reference_points, input_flatten, SHAPES, STARTS, mask),
+        module(query, reference_points, input_flatten, SHAPES, STARTS, mask),
+    )

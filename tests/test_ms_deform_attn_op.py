@@ -67,8 +67,24 @@ def compiled_op(*inputs):
     return torch.ops.deformable_detr.ms_deform_attn_forward(*inputs)
 
 
+def random_cases(count, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(low, high):
+        return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+    cases = []
+    for _ in range(count):
+        shapes = [(draw(1, 9), draw(1, 9)) for _ in range(draw(1, 4))]
+        cases.append((draw(1, 2), draw(1, 4), draw(1, 20), shapes, draw(0, 12), draw(1, 4), 1.3))
+    return cases
+
+
+ALL_CASES = {**CASES, **{f"random{i}": case for i, case in enumerate(random_cases(12))}}
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("case", ALL_CASES.values(), ids=list(ALL_CASES))
 def test_compiled_matches_reference(device, case):
     inputs = make_inputs(*case, device=device)
     # a float64 reference isolates the kernel's own float32 rounding
@@ -172,6 +188,20 @@ def test_non_contiguous_inputs():
     torch.testing.assert_close(
         ms_deform_attn(value_t, shapes, starts, locations_t, weights_t),
         ms_deform_attn_pytorch(value, shapes, starts, locations, weights),
+    )
+
+
+@requires_cpu_kernel
+def test_opcheck_registration():
+    """Schema, autograd registration and fake kernels agree with the real kernels."""
+    inputs = [
+        t.requires_grad_(t.is_floating_point())
+        for t in make_inputs(1, 2, 4, [(3, 4), (2, 2)], 3, 2, 1.0)
+    ]
+    torch.library.opcheck(torch.ops.deformable_detr.ms_deform_attn_forward.default, tuple(inputs))
+    backward_inputs = tuple(t.detach() for t in inputs) + (torch.randn(1, 3, 8),)
+    torch.library.opcheck(
+        torch.ops.deformable_detr.ms_deform_attn_backward.default, backward_inputs
     )
 
 

@@ -31,18 +31,16 @@ def test_collect_env_reports_versions_and_kernels():
     report = dict(collect_env_info())
     assert report["torch"].startswith(torch.__version__)
     assert "CPU" in report["op kernels built"]
-    out = subprocess.run(
-        [sys.executable, "-m", "deformable_detr.collect_env"], capture_output=True, text=True, check=True
-    ).stdout
+    command = [sys.executable, "-m", "deformable_detr.collect_env"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     assert "detectron2" in out and "op kernels built" in out
 
 
 @pytest.mark.parametrize("script", ["train_net.py", "demo.py"])
 def test_scripts_before_setup_print_a_one_line_hint(script):
     # -S hides site-packages: the situation of a user who has not run the set-up yet.
-    result = subprocess.run(
-        [sys.executable, "-S", str(REPO / script), "--help"], capture_output=True, text=True, cwd=REPO
-    )
+    command = [sys.executable, "-S", str(REPO / script), "--help"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert result.returncode != 0
     message = result.stderr.strip()
     assert "Traceback" not in message

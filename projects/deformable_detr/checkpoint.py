@@ -78,7 +78,7 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
                 logging.getLogger(__name__).warning(f"{error} Trying an older checkpoint.")
         raise CorruptCheckpointError(
             f"No readable checkpoint in {self.save_dir!r} to resume from (tried {last!r} and "
-            f"{len(older)} older ones); start without --resume or fix MODEL.WEIGHTS."
+            f"{len(older)} older ones); train without --resume to start from MODEL.WEIGHTS."
         )
 
     def load(self, path, *args, **kwargs):

@@ -6,6 +6,12 @@ import sys
 
 import torch
 
+from deformable_detr.layers.ms_deform_attn_op import (
+    active_implementation,
+    compiled_kernels,
+    extension_error,
+)
+
 
 def _detectron2_line():
     try:
@@ -15,28 +21,39 @@ def _detectron2_line():
     return f"{detectron2.__version__} @ {detectron2.__file__}"
 
 
+def _cuda_line():
+    if not torch.cuda.is_available():
+        return "False"
+    return f"True ({torch.cuda.get_device_name(0)})"
+
+
+def _extension_line():
+    error = extension_error()
+    return "loaded" if error is None else f"NOT loaded: {error}; the pure-PyTorch path runs"
+
+
+def _implementation_line(device):
+    try:
+        return active_implementation(device)
+    except RuntimeError as error:  # e.g. DEFORMABLE_DETR_MSDA_IMPL=compiled without a kernel
+        return f"ERROR: {error}"
+
+
 def collect_env_info():
     """Returns ``[(name, value), ...]`` describing the Python, torch, detectron2 and op build."""
-    from deformable_detr.layers.ms_deform_attn_op import (
-        active_implementation,
-        compiled_kernels,
-        extension_error,
-    )
-
     kernels = compiled_kernels()
     rows = [
         ("Python", sys.version.split()[0] + f" ({platform.platform()})"),
         ("torch", f"{torch.__version__} @ {torch.__file__}"),
         ("torch CUDA build", torch.version.cuda or "none"),
-        ("CUDA available", f"{torch.cuda.is_available()}"
-         + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "")),
+        ("CUDA available", _cuda_line()),
         ("detectron2", _detectron2_line()),
-        ("op extension", "loaded" if extension_error() is None else f"NOT loaded: {extension_error()}"),
-        ("op kernels built", ", ".join(k.upper() for k, built in kernels.items() if built) or "none"),
-        ("op on CPU", active_implementation("cpu")),
+        ("op extension", _extension_line()),
+        ("op kernels built", ", ".join(k.upper() for k, on in kernels.items() if on) or "none"),
+        ("op on CPU", _implementation_line("cpu")),
     ]
     if torch.cuda.is_available():
-        rows.append(("op on CUDA", active_implementation("cuda")))
+        rows.append(("op on CUDA", _implementation_line("cuda")))
     return rows
 
 

@@ -3,13 +3,15 @@
 What is exported is the network of :meth:`DeformableDETR.forward_raw` for one fixed input size:
 backbone, neck, transformer and the last decoder layer's heads, on images already normalized
 and padded, without Detectron2's post-processing (top-k and rescaling stay in Python:
-:meth:`DeformableDETR.inference`).
-``torch.export`` keeps the compiled attention op (traced through its fake kernel); ONNX has no
-such op, so the ONNX export uses the pure-PyTorch attention (``grid_sample``).
+:meth:`DeformableDETR.inference`). ``torch.export`` keeps the compiled attention op (traced
+through its fake kernel); ONNX has no such op, so the ONNX export uses the pure-PyTorch
+attention (``grid_sample``, ONNX GridSample).
 """
 
+import contextlib
 import os
-from typing import Dict, Tuple
+import warnings
+from typing import Tuple
 
 import torch
 from torch import nn
@@ -68,11 +70,26 @@ def example_inputs(model: nn.Module, height: int, width: int, batch_size: int = 
     return images.tensor, padding_mask
 
 
+@contextlib.contextmanager
+def _attention_implementation(name: str):
+    """Sets ``DEFORMABLE_DETR_MSDA_IMPL`` to ``name`` inside the block."""
+    previous = os.environ.get(IMPL_ENV_VAR)
+    os.environ[IMPL_ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[IMPL_ENV_VAR]
+        else:
+            os.environ[IMPL_ENV_VAR] = previous
+
+
 def export_torch(model: nn.Module, inputs: Tuple[torch.Tensor, torch.Tensor], output: str):
     """Saves ``torch.export.export`` of ``ExportableDeformableDETR(model)`` on ``inputs``
     (images, padding_mask) to ``output`` (a ``.pt2`` file for ``torch.export.load``); returns
-    the ExportedProgram."""
-    with torch.no_grad():
+    the ExportedProgram. Needs the compiled op: the pure-PyTorch attention reads the levels'
+    sizes from a tensor, which ``torch.export`` cannot trace."""
+    with torch.no_grad(), _attention_implementation("compiled"):
         program = torch.export.export(ExportableDeformableDETR(model), tuple(inputs))
     torch.export.save(program, output)
     return program
@@ -81,25 +98,25 @@ def export_torch(model: nn.Module, inputs: Tuple[torch.Tensor, torch.Tensor], ou
 def export_onnx(model: nn.Module, inputs: Tuple[torch.Tensor, torch.Tensor], output: str):
     """Writes ``ExportableDeformableDETR(model)`` on ``inputs`` (images, padding_mask) as ONNX
     (inputs "images", "padding_mask"; outputs "pred_logits", "pred_boxes") with the pure-PyTorch
-    attention; returns the path."""
-    previous = os.environ.get(IMPL_ENV_VAR)
-    os.environ[IMPL_ENV_VAR] = "pytorch"
-    try:
-        with torch.no_grad():
-            torch.onnx.export(
-                ExportableDeformableDETR(model),
-                tuple(inputs),
-                output,
-                input_names=["images", "padding_mask"],
-                output_names=["pred_logits", "pred_boxes"],
-                dynamo=True,
-            )
-    finally:
-        if previous is None:
-            del os.environ[IMPL_ENV_VAR]
-        else:
-            os.environ[IMPL_ENV_VAR] = previous
+    attention; returns the path.
+
+    Uses the TorchScript-based exporter: the pure-PyTorch attention splits the value by the
+    levels' sizes read from ``spatial_shapes``, which tracing with real tensors records as
+    constants of the fixed input size, and which the dynamo exporter cannot read.
+    """
+    with torch.no_grad(), _attention_implementation("pytorch"), warnings.catch_warnings():
+        # Shapes turned into constants are expected: the input size is fixed.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            ExportableDeformableDETR(model),
+            tuple(inputs),
+            output,
+            input_names=["images", "padding_mask"],
+            output_names=["pred_logits", "pred_boxes"],
+            opset_version=17,
+            dynamo=False,
+        )
     return output
 
 
-EXPORTERS: Dict[str, object] = {"torch_export": export_torch, "onnx": export_onnx}
+EXPORTERS = {"torch_export": export_torch, "onnx": export_onnx}

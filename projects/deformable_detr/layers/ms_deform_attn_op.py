@@ -41,7 +41,7 @@ _OPMATH_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 def _load_extension():
     try:
         from deformable_detr import _C  # noqa: F401  (registers the TORCH_LIBRARY ops)
-    except ImportError as error:
+    except (ImportError, OSError) as error:  # not built, or built against another torch
         return str(error)
     return None
 
@@ -239,10 +239,12 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     Returns:
         (N, Lq, M * D) in ``value.dtype``.
 
-    Inputs are validated (ValueError naming the argument) and made contiguous. On CUDA the op
-    runs in ``value.dtype`` (float16 and bfloat16 accumulate in float32), with locations and
-    weights cast to that accumulation dtype. On the CPU float16 and bfloat16 values are computed
-    in float32; under CPU autocast the result is float32.
+    Inputs are validated (ValueError naming the argument; checking ``spatial_shapes`` and
+    ``level_start_index`` reads them on the host, a sync for CUDA tensors, skipped under
+    ``torch.compile``) and made contiguous. On CUDA the op runs in ``value.dtype`` (float16 and
+    bfloat16 accumulate in float32), with locations and weights cast to that accumulation
+    dtype. On the CPU float16 and bfloat16 values are computed in float32; under CPU autocast
+    the result is float32.
     """
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     sampling_locations, attention_weights = _cast_to_opmath(

@@ -1,5 +1,10 @@
 """Deformable DETR modeling: neck, transformer, matcher, criterion and the meta-architecture."""
 
+from .backbone import (
+    MobileNetV2Backbone,
+    build_mobilenet_v2_backbone,
+    build_torchvision_resnet_backbone,
+)
 from .criterion import SetCriterion
 from .deformable_detr import DeformableDETR
 from .deformable_transformer import DeformableTransformer, inverse_sigmoid
@@ -13,8 +18,11 @@ __all__ = [
     "DeformableDETR",
     "DeformableTransformer",
     "HungarianMatcher",
+    "MobileNetV2Backbone",
     "PositionEmbeddingSine",
     "SetCriterion",
+    "build_mobilenet_v2_backbone",
     "build_neck",
+    "build_torchvision_resnet_backbone",
     "inverse_sigmoid",
 ]

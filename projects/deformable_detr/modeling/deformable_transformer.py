@@ -21,6 +21,14 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
+def _level_shapes(spatial_shapes) -> List[Tuple[int, int]]:
+    """(H, W) of each level as ints, from the (L, 2) tensor or from a list of pairs; the list
+    keeps them constants under ``torch.export``, where reading tensor values is data-dependent."""
+    if torch.is_tensor(spatial_shapes):
+        return [(h, w) for h, w in spatial_shapes.tolist()]
+    return [(int(h), int(w)) for h, w in spatial_shapes]
+
+
 def _get_clones(module: nn.Module, n: int) -> nn.ModuleList:
     return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
 
@@ -72,13 +80,14 @@ class DeformableTransformerEncoder(nn.Module):
         expressed in the padded frame of every level.
 
         Args:
-            spatial_shapes: (L, 2) int64 (H, W); valid_ratios: (N, L, 2) (w, h) valid fractions.
+            spatial_shapes: (L, 2) int64 (H, W), or a list of L (H, W) ints.
+            valid_ratios: (N, L, 2) (w, h) valid fractions.
 
         Returns:
             (N, S, L, 2) normalized (x, y).
         """
         reference_points_list = []
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        for lvl, (h, w) in enumerate(_level_shapes(spatial_shapes)):
             ref_y, ref_x = torch.meshgrid(
                 torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
                 torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
@@ -90,10 +99,16 @@ class DeformableTransformerEncoder(nn.Module):
         reference_points = torch.cat(reference_points_list, 1)
         return reference_points[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos, padding_mask):
-        """(N, S, C) features -> (N, S, C) memory; see the layer for the other shapes."""
+    def forward(
+        self, src, spatial_shapes, level_start_index, valid_ratios, pos, padding_mask,
+        level_shapes=None,
+    ):
+        """(N, S, C) features -> (N, S, C) memory; see the layer for the other shapes.
+        ``level_shapes``: ``spatial_shapes`` as a list of (H, W) ints, if the caller has it."""
         output = src
-        reference_points = self.get_reference_points(spatial_shapes, valid_ratios, src.device)
+        reference_points = self.get_reference_points(
+            spatial_shapes if level_shapes is None else level_shapes, valid_ratios, src.device
+        )
         for layer in self.layers:
             output = layer(
                 output, pos, reference_points, spatial_shapes, level_start_index, padding_mask
@@ -283,7 +298,8 @@ class DeformableTransformer(nn.Module):
         One proposal per encoder position: centred on the pixel, of side 0.05 * 2**level.
 
         Args:
-            memory: (N, S, C); memory_padding_mask: (N, S) bool; spatial_shapes: (L, 2) int64.
+            memory: (N, S, C); memory_padding_mask: (N, S) bool.
+            spatial_shapes: (L, 2) int64 (H, W), or a list of L (H, W) ints.
 
         Returns:
             output_memory: (N, S, C) memory zeroed on padded/invalid positions, through
@@ -293,7 +309,7 @@ class DeformableTransformer(nn.Module):
         n, _, _ = memory.shape
         proposals = []
         cur = 0
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        for lvl, (h, w) in enumerate(_level_shapes(spatial_shapes)):
             mask = memory_padding_mask[:, cur : cur + h * w].view(n, h, w, 1)
             valid_h = torch.sum(~mask[:, :, 0, 0], 1)
             valid_w = torch.sum(~mask[:, 0, :, 0], 1)
@@ -360,6 +376,7 @@ class DeformableTransformer(nn.Module):
         src_flatten = torch.cat(src_flatten, 1)
         mask_flatten = torch.cat(mask_flatten, 1)
         lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)
+        level_shapes = _level_shapes(spatial_shapes)
         spatial_shapes = torch.as_tensor(
             spatial_shapes, dtype=torch.long, device=src_flatten.device
         )
@@ -370,14 +387,14 @@ class DeformableTransformer(nn.Module):
 
         memory = self.encoder(
             src_flatten, spatial_shapes, level_start_index, valid_ratios, lvl_pos_embed_flatten,
-            mask_flatten,
+            mask_flatten, level_shapes=level_shapes,
         )
 
         bs, _, c = memory.shape
         enc_outputs_class = enc_outputs_coord_unact = None
         if self.two_stage:
             output_memory, output_proposals = self.gen_encoder_output_proposals(
-                memory, mask_flatten, spatial_shapes
+                memory, mask_flatten, level_shapes
             )
             # The encoder heads are the extra last entries of the detector's heads (official).
             enc_outputs_class = self.decoder.class_embed[self.decoder.num_layers](output_memory)

@@ -1,0 +1,72 @@
+"""
+The benchmarks in benchmarks/ run end to end in their --quick mode: the op is not grossly slower
+than its pure-PyTorch reference, the inference benchmark's models agree with each other and with
+HuggingFace's, and the training-step breakdown accounts for the profiled step. No absolute
+times are asserted.
+"""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+HAS_HF = all(importlib.util.find_spec(name) is not None for name in ("transformers", "timm"))
+
+
+@pytest.fixture(autouse=True)
+def _benchmarks_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_op_benchmark_quick_compiled_not_slower_than_reference(capsys):
+    assert load("ms_deform_attn").main(["--quick", "--threads", "1"]) == 0
+    assert "encoder" in capsys.readouterr().out
+
+
+def test_inference_benchmark_quick_models_agree(capsys):
+    args = ["--quick", "--threads", "1", "--iters", "1"] + ([] if HAS_HF else ["--no-hf"])
+    results = load("inference").main(args)
+    out = capsys.readouterr().out
+    assert "| R50 multi-scale | 128x213 | plugin (compiled op) |" in out
+    assert "| demo MobileNetV2 | 128x128 | plugin (compiled op) |" in out
+    expected = {("R50 multi-scale", "pytorch op"), ("demo MobileNetV2", "pytorch op")}
+    if HAS_HF:
+        expected.add(("R50 multi-scale", "HF"))
+    assert set(results["max_abs_diff"]) == expected
+    for pair, (logits, boxes) in results["max_abs_diff"].items():
+        assert logits < 1e-3 and boxes < 1e-4, pair
+    assert all(r > 0 for r in results["speedup_vs_pytorch_op"].values())
+
+
+def test_train_step_benchmark_quick_breakdown_adds_up(capsys):
+    results = load("train_step").main(["--quick", "--threads", "1"])
+    assert "| encoder |" in capsys.readouterr().out
+    shares = results["shares"]
+    for component in ("backbone", "neck", "encoder", "decoder"):
+        assert shares[(component, "forward")] > 0, component
+        assert shares[(component, "backward")] > 0, component
+    assert shares[("matcher", "forward")] > 0 and shares[("loss", "forward")] > 0
+    # every range's own time plus the backward nodes account for the step, up to the glue
+    # between the ranges (zero_grad, the loss sum)
+    accounted = sum(shares.values())
+    assert 0.8 * results["profiled"] < accounted <= 1.01 * results["profiled"]
+
+
+def test_scaling_benchmark_quick_completes(capsys):
+    exponents = load("scaling").main(["--quick", "--threads", "1", "--iters", "1"])
+    assert "fitted k" in capsys.readouterr().out
+    assert set(exponents) == {"op", "backbone", "encoder", "decoder", "model"}
+    assert all(math.isfinite(k) for k in exponents.values())
