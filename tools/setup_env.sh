@@ -26,7 +26,8 @@ else
     rm -rf "$target"
     pip install --no-deps --only-binary=:all: --python-version 3.10 --target "$target" \
         --require-hashes -r requirements/detectron2.txt
-    rm -f "$target"/detectron2/_C.*.so
+    # Its cp310 _C cannot load here, and its cp310 metadata would fail `pip check`.
+    rm -rf "$target"/detectron2/_C.*.so "$target"/*.dist-info
     (cd "$target" && pwd) > "$site/detectron2-pure.pth"
 fi
 pip install -r requirements/detectron2-runtime.txt
