@@ -338,3 +338,17 @@ def test_build_report():
     kernels = op.compiled_kernels()
     assert set(kernels) == {"cpu", "cuda"}
     assert (op.extension_error() is None) == (kernels["cpu"] or kernels["cuda"])
+
+
+def test_use_implementation_sets_then_restores_the_choice(monkeypatch):
+    monkeypatch.setenv(op.IMPL_ENV_VAR, "auto")
+    with op.use_implementation("pytorch"):
+        assert op.active_implementation("cpu") == "pytorch"
+    assert op.os.environ[op.IMPL_ENV_VAR] == "auto"
+    monkeypatch.delenv(op.IMPL_ENV_VAR)
+    with pytest.raises(KeyError), op.use_implementation("pytorch"):
+        raise KeyError("the variable is restored even when the block fails")
+    assert op.IMPL_ENV_VAR not in op.os.environ
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        with op.use_implementation("fast"):
+            pass

@@ -1,23 +1,20 @@
 """Export of the inference network to ``torch.export`` programs and ONNX files.
 
-What is exported is the network of :meth:`DeformableDETR.forward_raw` for one fixed input size:
-backbone, neck, transformer and the last decoder layer's heads, on images already normalized
-and padded, without Detectron2's post-processing (top-k and rescaling stay in Python:
+What is exported is :meth:`DeformableDETR.forward_network` for one fixed input size:
+backbone, neck, transformer and the heads (the last decoder layer's outputs), on images already
+normalized and padded, without Detectron2's post-processing (top-k and rescaling stay in Python:
 :meth:`DeformableDETR.inference`). ``torch.export`` keeps the compiled attention op (traced
 through its fake kernel); ONNX has no such op, so the ONNX export uses the pure-PyTorch
 attention (``grid_sample``, ONNX GridSample).
 """
 
-import contextlib
-import os
 import warnings
 from typing import Tuple
 
 import torch
 from torch import nn
 
-from .layers.ms_deform_attn_op import IMPL_ENV_VAR
-from .modeling.deformable_transformer import inverse_sigmoid
+from .layers.ms_deform_attn_op import use_implementation
 
 __all__ = [
     "EXPORTERS",
@@ -46,20 +43,8 @@ class ExportableDeformableDETR(nn.Module):
     def forward(
         self, images: torch.Tensor, padding_mask: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        model = self.model
-        srcs, masks, pos = model.neck(model.backbone(images), padding_mask)
-        query_embed = None if model.two_stage else model.query_embed.weight
-        hs, init_reference, inter_references, _, _ = model.transformer(
-            srcs, masks, pos, query_embed
-        )
-        last = hs.shape[0] - 1
-        reference = inverse_sigmoid(init_reference if last == 0 else inter_references[last - 1])
-        delta = model.bbox_embed[last](hs[last])
-        if reference.shape[-1] == 4:
-            coord = delta + reference
-        else:
-            coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
-        return model.class_embed[last](hs[last]), coord.sigmoid()
+        raw = self.model.forward_network(images, padding_mask)
+        return raw["pred_logits"][-1], raw["pred_boxes"][-1]
 
 
 def example_inputs(model: nn.Module, height: int, width: int, batch_size: int = 1):
@@ -70,26 +55,12 @@ def example_inputs(model: nn.Module, height: int, width: int, batch_size: int = 
     return images.tensor, padding_mask
 
 
-@contextlib.contextmanager
-def _attention_implementation(name: str):
-    """Sets ``DEFORMABLE_DETR_MSDA_IMPL`` to ``name`` inside the block."""
-    previous = os.environ.get(IMPL_ENV_VAR)
-    os.environ[IMPL_ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[IMPL_ENV_VAR]
-        else:
-            os.environ[IMPL_ENV_VAR] = previous
-
-
 def export_torch(model: nn.Module, inputs: Tuple[torch.Tensor, torch.Tensor], output: str):
     """Saves ``torch.export.export`` of ``ExportableDeformableDETR(model)`` on ``inputs``
     (images, padding_mask) to ``output`` (a ``.pt2`` file for ``torch.export.load``); returns
     the ExportedProgram. Needs the compiled op: the pure-PyTorch attention reads the levels'
     sizes from a tensor, which ``torch.export`` cannot trace."""
-    with torch.no_grad(), _attention_implementation("compiled"):
+    with torch.no_grad(), use_implementation("compiled"):
         program = torch.export.export(ExportableDeformableDETR(model), tuple(inputs))
     torch.export.save(program, output)
     return program
@@ -104,7 +75,7 @@ def export_onnx(model: nn.Module, inputs: Tuple[torch.Tensor, torch.Tensor], out
     levels' sizes read from ``spatial_shapes``, which tracing with real tensors records as
     constants of the fixed input size, and which the dynamo exporter cannot read.
     """
-    with torch.no_grad(), _attention_implementation("pytorch"), warnings.catch_warnings():
+    with torch.no_grad(), use_implementation("pytorch"), warnings.catch_warnings():
         # Shapes turned into constants are expected: the input size is fixed.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(

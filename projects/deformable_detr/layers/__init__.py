@@ -7,6 +7,7 @@ from .ms_deform_attn_op import (
     extension_error,
     ms_deform_attn,
     ms_deform_attn_pytorch,
+    use_implementation,
 )
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "compiled_kernels",
     "extension_error",
     "active_implementation",
+    "use_implementation",
 ]

@@ -19,6 +19,7 @@ The implementation is chosen per call by the environment variable
 else the pure-PyTorch reference), ``compiled`` (error if unavailable) or ``pytorch``.
 """
 
+import contextlib
 import os
 from typing import Dict, Optional
 
@@ -31,6 +32,7 @@ __all__ = [
     "compiled_kernels",
     "extension_error",
     "active_implementation",
+    "use_implementation",
 ]
 
 IMPL_ENV_VAR = "DEFORMABLE_DETR_MSDA_IMPL"
@@ -93,6 +95,22 @@ def active_implementation(device) -> str:
     if choice == "pytorch" or not available:
         return "pytorch"
     return "compiled"
+
+
+@contextlib.contextmanager
+def use_implementation(name: str):
+    """Runs the block with ``DEFORMABLE_DETR_MSDA_IMPL=name`` and restores the variable after."""
+    if name not in _IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {name!r}")
+    previous = os.environ.get(IMPL_ENV_VAR)
+    os.environ[IMPL_ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[IMPL_ENV_VAR]
+        else:
+            os.environ[IMPL_ENV_VAR] = previous
 
 
 def ms_deform_attn_pytorch(

@@ -205,17 +205,31 @@ class DeformableDETR(nn.Module):
         Run the network without losses or post-processing.
 
         Returns:
+            the dict of :meth:`forward_network`, plus "image_sizes": list of N (h, w) of the
+            resized images, by which the boxes are normalized.
+        """
+        images, padding_mask = self.preprocess_image(batched_inputs)
+        raw = self.forward_network(images.tensor, padding_mask)
+        raw["image_sizes"] = images.image_sizes
+        return raw
+
+    def forward_network(self, images: torch.Tensor, padding_mask: torch.Tensor) -> Dict:
+        """
+        The network on tensors (traceable: no ``ImageList``, no data-dependent Python).
+
+        Args:
+            images: (N, 3, H, W) normalized and padded, as :meth:`preprocess_image` makes them.
+            padding_mask: (N, H, W) bool, True on padding.
+
+        Returns:
             dict with
             "pred_logits": (num_decoder_layers, N, Q, num_classes) class logits of every layer;
             "pred_boxes": (num_decoder_layers, N, Q, 4) boxes of every layer, (cx, cy, w, h)
                 normalized by the size of each (resized, unpadded) image;
-            "image_sizes": list of N (h, w) of the resized images;
             "enc_outputs" (two-stage only): dict with "pred_logits" (N, S, num_classes) and
                 "pred_boxes" (N, S, 4) of the encoder proposals, S = number of encoder tokens.
         """
-        images, padding_mask = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
-        srcs, masks, pos = self.neck(features, padding_mask)
+        srcs, masks, pos = self.neck(self.backbone(images), padding_mask)
         query_embed = None if self.two_stage else self.query_embed.weight
         hs, init_reference, inter_references, enc_class, enc_coord_unact = self.transformer(
             srcs, masks, pos, query_embed
@@ -236,7 +250,6 @@ class DeformableDETR(nn.Module):
         raw = {
             "pred_logits": torch.stack(outputs_classes),
             "pred_boxes": torch.stack(outputs_coords),
-            "image_sizes": images.image_sizes,
         }
         if self.two_stage:
             raw["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid()}
