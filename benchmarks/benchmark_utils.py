@@ -47,9 +47,14 @@ def machine(device: str, threads: int) -> str:
         except (OSError, subprocess.CalledProcessError, StopIteration):
             pass
         name = f"{name}, {threads} of {os.cpu_count()} CPU threads"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = os.getloadavg()[0]
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"{name}; torch {torch.__version__}; {now}; load average {load:.2f}"
+
+
+def end_note() -> str:
+    """The load average when a benchmark ends (the header gives it at the start)."""
+    return f"# load average at the end: {os.getloadavg()[0]:.2f}"
 
 
 def load_cfg(config_file, opts: Sequence[str] = ()):

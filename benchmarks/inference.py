@@ -33,6 +33,7 @@ from benchmark_utils import (
     R50_CONFIG,
     autocast,
     build,
+    end_note,
     hf_peer_and_plugin,
     load_cfg,
     machine,
@@ -109,6 +110,17 @@ def hf_candidate(hf, image, pixel_mean, pixel_std, args):
     return run
 
 
+def profile_candidates(name, candidates, row_limit=12):
+    """Tables of the operators taking the most self CPU time in one call of each candidate."""
+    tables = []
+    for impl, run in candidates.items():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
+        tables.append(f"\n# profile of one call: {name}, {impl}\n{table}")
+    return tables
+
+
 def hf_diffs(model, image, hf, rows, args):
     """Max abs differences of the last decoder layer's logits and boxes: plugin vs HF."""
     with torch.no_grad(), autocast(args.device, args.dtype):
@@ -142,6 +154,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small inputs, 2 timed calls")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--no-hf", action="store_true", help="skip the HuggingFace peer")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print each candidate's top operators (torch.profiler)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
@@ -158,7 +172,7 @@ def main(argv=None):
     print("| model | input | implementation | images/s | p50 (ms) | p90 (ms) | vs HF "
           "| vs pytorch op |")
     print("|---|---|---|---|---|---|---|---|")
-    notes = []
+    notes, profiles = [], []
     results = {"speedup_vs_hf": {}, "speedup_vs_pytorch_op": {}, "max_abs_diff": {}}
     for name in args.models:
         config, full_size, quick_size = MODELS[name]
@@ -192,6 +206,8 @@ def main(argv=None):
                 f"| {'n/a' if not with_hf else f'{versus_hf:.2f}x'} | {versus_op:.2f}x |",
                 flush=True,
             )
+        if args.profile:
+            profiles.extend(profile_candidates(name, candidates))
         diffs = {"pytorch op": op_diffs(model, image, args)}
         if with_hf:
             diffs["HF"] = hf_diffs(model, image, hf, rows, args)
@@ -204,6 +220,8 @@ def main(argv=None):
                 f"layer's logits {logits:.2e}, boxes {boxes:.2e}"
             )
     print("\n".join(notes))
+    print("\n".join(profiles))
+    print(end_note())
     return results
 
 

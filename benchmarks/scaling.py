@@ -19,7 +19,7 @@ import time
 from collections import defaultdict
 
 import torch
-from benchmark_utils import R50_CONFIG, build, load_cfg, machine, perturb_, setup_threads
+from benchmark_utils import R50_CONFIG, build, end_note, load_cfg, machine, perturb_, setup_threads
 from ms_deform_attn import make_inputs
 
 from deformable_detr.layers import ms_deform_attn
@@ -140,6 +140,7 @@ def main(argv=None):
         f"| {exponents['encoder']:.2f} | {exponents['decoder']:.2f} | {exponents['model']:.2f} "
         "| | | |"
     )
+    print(end_note())
     return exponents
 
 

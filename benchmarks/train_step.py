@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 
 import torch
-from benchmark_utils import R50_CONFIG, autocast, build, load_cfg, machine, setup_threads
+from benchmark_utils import R50_CONFIG, autocast, build, end_note, load_cfg, machine, setup_threads
 from detectron2.structures import Boxes, Instances
 from torch.profiler import record_function
 
@@ -204,6 +204,7 @@ def main(argv=None):
         backward = sum(shares.get((name, "backward"), 0.0) for name in names)
         share = 100 * (forward + backward) / profiled
         print(f"| {row} | {forward:.2f} | {backward:.2f} | {share:.1f}% |")
+    print(end_note())
     return {"seconds": seconds, "shares": dict(shares), "profiled": profiled}
 
 

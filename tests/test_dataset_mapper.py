@@ -123,3 +123,21 @@ def test_resize_matches_the_official_output_size(height, width, expected):
         assert isinstance(transform, T.NoOpTransform)
     else:
         assert (transform.new_h, transform.new_w) == expected
+
+
+@pytest.mark.parametrize(
+    "flip, expected",
+    [("horizontal", [(True, False)]), ("both", [(True, False), (False, True)]), ("none", [])],
+)
+def test_random_flip_follows_the_config(flip, expected):
+    cfg = tiny_cfg()
+    cfg.INPUT.RANDOM_FLIP = flip
+    flips = [a for a in build_detr_augmentation(cfg, True) if isinstance(a, T.RandomFlip)]
+    assert [(a.horizontal, a.vertical) for a in flips] == expected
+
+
+def test_unknown_flip_is_a_clear_error():
+    cfg = tiny_cfg()
+    cfg.INPUT.RANDOM_FLIP = "diagonal"
+    with pytest.raises(ValueError, match="INPUT.RANDOM_FLIP must be one of"):
+        build_detr_augmentation(cfg, True)

@@ -34,7 +34,8 @@ def _run(args, env):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    env = dict(os.environ, DETECTRON2_DATASETS=str(root / "datasets"))
+    # One thread: on a busy machine, OpenMP spin-waits of two threads slow training down a lot.
+    env = dict(os.environ, DETECTRON2_DATASETS=str(root / "datasets"), OMP_NUM_THREADS="1")
     out = root / "output"
     stdout = _run(
         ["tools/run_demo.py", "--config-file", CONFIG, "--output", str(out), "--num-vis", "2",

@@ -36,7 +36,17 @@ def test_collect_env_reports_versions_and_kernels():
     assert "detectron2" in out and "op kernels built" in out
 
 
-@pytest.mark.parametrize("script", ["train_net.py", "demo.py"])
+@pytest.mark.parametrize(
+    "script",
+    [
+        "train_net.py",
+        "demo.py",
+        "tools/run_demo.py",
+        "tools/check_dataset.py",
+        "tools/export_model.py",
+        "tools/convert_official_checkpoint.py",
+    ],
+)
 def test_scripts_before_setup_print_a_one_line_hint(script):
     # -S hides site-packages: the situation of a user who has not run the set-up yet.
     command = [sys.executable, "-S", str(REPO / script), "--help"]

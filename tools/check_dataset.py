@@ -18,7 +18,7 @@ try:
     from deformable_detr.data.user_coco import parse_coco_spec
     from deformable_detr.data.validation import find_dataset_problems
 except ImportError as error:
-    sys.exit(f"{error}. Run `make setup` first, then use .venv/bin/python.")
+    sys.exit(f"check_dataset.py: {error}. Run `make setup` (or use .venv/bin/python).")
 
 
 def _register_coco(specs):

@@ -16,16 +16,19 @@ import argparse
 import os
 import sys
 
-from detectron2.config import get_cfg
+try:
+    from detectron2.config import get_cfg
 
-import deformable_detr.modeling  # noqa: F401  (registers the DeformableDETR meta-architecture)
-from deformable_detr.checkpoint_conversion import (
-    CheckpointConversionError,
-    convert_state_dict,
-    load_source_state_dict,
-    write_converted_checkpoint,
-)
-from deformable_detr.config import add_deformable_detr_config
+    import deformable_detr.modeling  # noqa: F401  (registers the DeformableDETR meta-architecture)
+    from deformable_detr.checkpoint_conversion import (
+        CheckpointConversionError,
+        convert_state_dict,
+        load_source_state_dict,
+        write_converted_checkpoint,
+    )
+    from deformable_detr.config import add_deformable_detr_config
+except ImportError as e:
+    sys.exit(f"convert_official_checkpoint.py: {e}. Run `make setup` (or use .venv/bin/python).")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFICIAL_CONFIGS = os.path.join(REPO_ROOT, "configs", "official")

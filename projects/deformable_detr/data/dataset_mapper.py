@@ -15,6 +15,15 @@ from .validation import drop_degenerate_boxes, read_image_or_none
 __all__ = ["DetrDatasetMapper", "DetrResizeShortestEdge", "build_detr_augmentation"]
 
 
+# INPUT.RANDOM_FLIP -> independent random flips; "both" suits aerial photos
+FLIP_DIRECTIONS = {
+    "horizontal": ("horizontal",),
+    "vertical": ("vertical",),
+    "both": ("horizontal", "vertical"),
+    "none": (),
+}
+
+
 class DetrResizeShortestEdge(T.ResizeShortestEdge):
     """``ResizeShortestEdge`` with the official DETR output size: the long side is truncated,
     not rounded (official ``get_size_with_aspect_ratio``), so a 640x480 image becomes 1066x800
@@ -39,14 +48,23 @@ class DetrResizeShortestEdge(T.ResizeShortestEdge):
 
 def build_detr_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
     """
-    Training (official ``make_coco_transforms``): horizontal flip; with probability
+    Training (official ``make_coco_transforms``): random flips as ``INPUT.RANDOM_FLIP`` says
+    (official: "horizontal"; also "vertical", "both", "none"); with probability
     ``INPUT.DETR_CROP.PROB`` a resize to one of ``DETR_CROP.RESIZE_SIZES`` followed by a random crop
     of side in ``DETR_CROP.SIZE``; then a multi-scale resize (``INPUT.MIN_SIZE_TRAIN``,
     ``MAX_SIZE_TRAIN``). Test: a single resize (``MIN_SIZE_TEST``, ``MAX_SIZE_TEST``).
     """
     if not is_train:
         return [DetrResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
-    augmentations = [T.RandomFlip()]
+    if cfg.INPUT.RANDOM_FLIP not in FLIP_DIRECTIONS:
+        raise ValueError(
+            f"INPUT.RANDOM_FLIP must be one of {sorted(FLIP_DIRECTIONS)}, "
+            f"got {cfg.INPUT.RANDOM_FLIP!r}"
+        )
+    augmentations = [
+        T.RandomFlip(horizontal=direction == "horizontal", vertical=direction == "vertical")
+        for direction in FLIP_DIRECTIONS[cfg.INPUT.RANDOM_FLIP]
+    ]
     crop = cfg.INPUT.DETR_CROP
     if crop.ENABLED:
         resize_and_crop = T.AugmentationList(
