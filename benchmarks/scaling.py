@@ -7,9 +7,10 @@ batch 1. For each: the compiled op alone on the encoder's shapes (one query per 
 sampling around itself; inputs from ``benchmarks/ms_deform_attn.py``), then the multi-scale R50
 model (``configs/deformable_detr_R50_50ep.yaml``, random weights, eval mode, ``torch.no_grad``)
 with its backbone, encoder and decoder timed by forward hooks. Times are the best of ``--iters``
-calls. The last row fits ``time ~ pixels ** k`` by least squares on a log-log scale: k ~ 1 is
-linear (deformable attention: a fixed number of samples per query), k ~ 2 would be the
-quadratic cost of dense self-attention over all positions.
+calls, made in rounds over all sizes after a warm-up round. The last row fits
+``time ~ pixels ** k`` by least squares on a log-log scale: k ~ 1 is linear (deformable
+attention: a fixed number of samples per query), k ~ 2 would be the quadratic cost of dense
+self-attention over all positions.
 """
 
 import argparse
@@ -46,16 +47,12 @@ def feature_levels(height, width, num_levels=4):
     return sizes[:num_levels]
 
 
-def best_time(fn, iters, device):
-    fn()  # warm-up
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def timed(fn, device):
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def add_timing_hooks(model, seconds, device):
@@ -108,28 +105,38 @@ def main(argv=None):
     print("| input | pixels | tokens S | op (ms) | backbone (ms) | encoder (ms) | decoder (ms) "
           "| model (ms) | op (ns/token) | encoder (us/token) | model (ns/pixel) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    rows = defaultdict(list)
+    sizes = []
     for short in QUICK_SHORT_SIDES if args.quick else SHORT_SIDES:
         height, width = short, round(short * ASPECT)
         levels = feature_levels(height, width, num_levels)
-        inputs = make_inputs(levels, None, args.device, torch.float32, N=1)
+        image = torch.rand(3, height, width).mul(255).to(args.device)
+        sizes.append((height, width, image, make_inputs(levels, None, args.device,
+                                                        torch.float32, N=1)))
+    # Rounds over all sizes, the first one a warm-up, so that a change of machine load
+    # during the run does not fall on one size only.
+    seconds = defaultdict(list)
+    with torch.no_grad():
+        for _ in range(args.iters + 1):
+            for height, _, image, inputs in sizes:
+                op = timed(lambda inputs=inputs: ms_deform_attn(*inputs), args.device)
+                seconds[(height, "op")].append(op)
+                hook_seconds.clear()
+                whole = timed(lambda image=image: model([{"image": image}]), args.device)
+                seconds[(height, "model")].append(whole)
+                for name, values in hook_seconds.items():
+                    seconds[(height, name)] += values
+    rows = defaultdict(list)
+    for height, width, _, inputs in sizes:
         tokens = inputs[0].shape[1]
-        with torch.no_grad():
-            op = best_time(lambda inputs=inputs: ms_deform_attn(*inputs), args.iters, args.device)
-            image = torch.rand(3, height, width).mul(255).to(args.device)
-            hook_seconds.clear()
-            whole = best_time(lambda image=image: model([{"image": image}]), args.iters,
-                              args.device)
-        parts = {name: min(values[1:]) for name, values in hook_seconds.items()}
-        measured = {"pixels": height * width, "op": op, "model": whole, **parts}
-        for name, value in measured.items():
+        best = {name: min(seconds[(height, name)][1:]) for name in ("op", "model", *TIMED_PARTS)}
+        for name, value in {"pixels": height * width, **best}.items():
             rows[name].append(value)
         print(
-            f"| {height}x{width} | {height * width} | {tokens} | {op * 1e3:.1f} "
-            f"| {parts['backbone'] * 1e3:.0f} | {parts['encoder'] * 1e3:.0f} "
-            f"| {parts['decoder'] * 1e3:.0f} | {whole * 1e3:.0f} | {op / tokens * 1e9:.0f} "
-            f"| {parts['encoder'] / tokens * 1e6:.1f} | {whole / (height * width) * 1e9:.0f} |",
-            flush=True,
+            f"| {height}x{width} | {height * width} | {tokens} | {best['op'] * 1e3:.1f} "
+            f"| {best['backbone'] * 1e3:.0f} | {best['encoder'] * 1e3:.0f} "
+            f"| {best['decoder'] * 1e3:.0f} | {best['model'] * 1e3:.0f} "
+            f"| {best['op'] / tokens * 1e9:.0f} | {best['encoder'] / tokens * 1e6:.1f} "
+            f"| {best['model'] / (height * width) * 1e9:.0f} |"
         )
     exponents = {
         name: fitted_exponent(rows["pixels"], rows[name])

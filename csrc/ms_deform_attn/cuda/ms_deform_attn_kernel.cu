@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../bilinear.h"
 #include "../ms_deform_attn.h"
 
 namespace deformable_detr {
@@ -27,43 +28,6 @@ constexpr int kWarpsPerBlock = 8;
 struct Sizes {
   int64_t N, S, M, D, Lq, L, P;
 };
-
-// Bilinear neighbours of one location in one level (align_corners=False: pixel centers at
-// integer coordinates after x = loc_x * W - 0.5); corners outside the map have row -1.
-template <typename opmath_t>
-struct Bilinear {
-  int64_t row[4];
-  opmath_t weight[4];
-  opmath_t lw, lh;
-};
-
-template <typename opmath_t>
-__device__ __forceinline__ bool bilinear_corners(
-    opmath_t loc_x, opmath_t loc_y, int64_t H, int64_t W, int64_t start,
-    Bilinear<opmath_t>& b) {
-  const opmath_t x = loc_x * W - opmath_t(0.5);
-  const opmath_t y = loc_y * H - opmath_t(0.5);
-  // written so that NaN locations fail the test as well
-  if (!(x > -1 && y > -1 && x < W && y < H)) {
-    return false;
-  }
-  const int64_t x0 = static_cast<int64_t>(floor(x));
-  const int64_t y0 = static_cast<int64_t>(floor(y));
-  const int64_t x1 = x0 + 1, y1 = y0 + 1;
-  b.lw = x - x0;
-  b.lh = y - y0;
-  const opmath_t hw = 1 - b.lw, hh = 1 - b.lh;
-  const bool in_x0 = x0 >= 0, in_x1 = x1 < W, in_y0 = y0 >= 0, in_y1 = y1 < H;
-  b.row[0] = in_y0 && in_x0 ? start + y0 * W + x0 : -1;
-  b.row[1] = in_y0 && in_x1 ? start + y0 * W + x1 : -1;
-  b.row[2] = in_y1 && in_x0 ? start + y1 * W + x0 : -1;
-  b.row[3] = in_y1 && in_x1 ? start + y1 * W + x1 : -1;
-  b.weight[0] = hh * hw;
-  b.weight[1] = hh * b.lw;
-  b.weight[2] = b.lh * hw;
-  b.weight[3] = b.lh * b.lw;
-  return true;
-}
 
 // The Python side validates the levels; this guard keeps inconsistent inputs from reading
 // outside value without a host sync to check them.
