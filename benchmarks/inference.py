@@ -23,9 +23,7 @@ turns every iteration; images/s is 1 / mean latency.
 
 import argparse
 import importlib.util
-import os
 import sys
-from contextlib import contextmanager
 
 import torch
 from benchmark_utils import (
@@ -43,7 +41,7 @@ from benchmark_utils import (
     time_round_robin,
 )
 
-from deformable_detr.layers.ms_deform_attn_op import IMPL_ENV_VAR
+from deformable_detr.layers.ms_deform_attn_op import use_implementation
 
 # A shallower transformer with fewer queries for --quick (same backbone and op).
 QUICK_OPTS = [
@@ -64,19 +62,6 @@ MODELS = {
 }
 
 
-@contextmanager
-def msda_implementation(name):
-    previous = os.environ.get(IMPL_ENV_VAR)
-    os.environ[IMPL_ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[IMPL_ENV_VAR]
-        else:
-            os.environ[IMPL_ENV_VAR] = previous
-
-
 def random_image(height, width, device):
     generator = torch.Generator().manual_seed(0)
     return (torch.rand(3, height, width, generator=generator) * 255).to(device)
@@ -86,7 +71,7 @@ def plugin_candidate(model, image, impl, args):
     inputs = [{"image": image, "height": image.shape[1], "width": image.shape[2]}]
 
     def run():
-        with msda_implementation(impl), torch.no_grad(), autocast(args.device, args.dtype):
+        with use_implementation(impl), torch.no_grad(), autocast(args.device, args.dtype):
             return model(inputs)
 
     return run
@@ -136,7 +121,7 @@ def op_diffs(model, image, args):
     """Max abs differences of logits and boxes: compiled op vs pure-PyTorch op, same model."""
     raws = []
     for impl in ("compiled", "pytorch"):
-        with msda_implementation(impl), torch.no_grad(), autocast(args.device, args.dtype):
+        with use_implementation(impl), torch.no_grad(), autocast(args.device, args.dtype):
             raws.append(model.forward_raw([{"image": image}]))
     return tuple(
         (raws[0][key][-1].float() - raws[1][key][-1].float()).abs().max().item()

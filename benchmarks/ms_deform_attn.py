@@ -17,14 +17,13 @@ the bytes each pass must move at least: every tensor read once and every output 
 """
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 
 from deformable_detr.layers import ms_deform_attn
-from deformable_detr.layers.ms_deform_attn_op import IMPL_ENV_VAR, active_implementation
+from deformable_detr.layers.ms_deform_attn_op import active_implementation, use_implementation
 
 FULL_LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]
 QUICK_LEVELS = [(25, 42), (13, 21), (7, 11), (4, 6)]
@@ -131,8 +130,8 @@ def main(argv=None):
     repeat = args.repeat or (5 if args.device == "cpu" else 20)
     levels = QUICK_LEVELS if args.quick else FULL_LEVELS
 
-    os.environ[IMPL_ENV_VAR] = "compiled"
-    active_implementation(args.device)  # fails clearly when the kernel is missing
+    with use_implementation("compiled"):
+        active_implementation(args.device)  # fails clearly when the kernel is missing
     device_name = (
         torch.cuda.get_device_name(0) if args.device == "cuda" else f"{args.threads} CPU threads"
     )
@@ -152,8 +151,8 @@ def main(argv=None):
         for backward in (False, True):
             seconds = {}
             for impl in ("compiled", "pytorch"):
-                os.environ[IMPL_ENV_VAR] = impl
-                seconds[impl] = time_pass(inputs, backward, repeat, args.device)
+                with use_implementation(impl):
+                    seconds[impl] = time_pass(inputs, backward, repeat, args.device)
             ratio = seconds["pytorch"] / seconds["compiled"]
             slowest = min(slowest, ratio)
             row = (
