@@ -1,5 +1,6 @@
 """Helpers shared by the model benchmarks: configs, models, the HuggingFace peer and timing."""
 
+import argparse
 import datetime
 import os
 import platform
@@ -163,6 +164,24 @@ def time_round_robin(
 
 def percentile(values: Sequence[float], q: float) -> float:
     return torch.tensor(values, dtype=torch.float64).quantile(q / 100).item()
+
+
+def model_benchmark_parser(description: str, iters_help: str) -> argparse.ArgumentParser:
+    """The options every model benchmark takes: --device, --threads, --dtype, --iters."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                        help="autocast dtype (fp32: no autocast)")
+    parser.add_argument("--iters", type=int, default=None, help=iters_help)
+    return parser
+
+
+def parse_model_benchmark_args(parser: argparse.ArgumentParser, argv):
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device")
+    return args
 
 
 def autocast(device: str, dtype: str):

@@ -21,7 +21,6 @@ logits and boxes of both are compared), and the demo model
 turns every iteration; images/s is 1 / mean latency.
 """
 
-import argparse
 import importlib.util
 import sys
 
@@ -35,6 +34,8 @@ from benchmark_utils import (
     hf_peer_and_plugin,
     load_cfg,
     machine,
+    model_benchmark_parser,
+    parse_model_benchmark_args,
     percentile,
     perturb_,
     setup_threads,
@@ -130,20 +131,13 @@ def op_diffs(model, image, args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch)")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
-                        help="autocast dtype (fp32: no autocast)")
-    parser.add_argument("--iters", type=int, default=None, help="timed calls per candidate")
+    parser = model_benchmark_parser(__doc__.split("\n")[0], "timed calls per candidate")
     parser.add_argument("--quick", action="store_true", help="small inputs, 2 timed calls")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--no-hf", action="store_true", help="skip the HuggingFace peer")
     parser.add_argument("--profile", action="store_true",
                         help="also print each candidate's top operators (torch.profiler)")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device")
+    args = parse_model_benchmark_args(parser, argv)
     missing = [name for name in ("transformers", "timm") if importlib.util.find_spec(name) is None]
     if missing and not args.no_hf:
         parser.error(f"the HF peer needs {' and '.join(missing)} (pip install transformers timm); "

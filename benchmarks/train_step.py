@@ -20,14 +20,23 @@ parts of the step; each backward autograd node is charged to the range of the fo
 created it (same ``sequence_nr``).
 """
 
-import argparse
 import resource
 import sys
 import time
 from collections import defaultdict
 
 import torch
-from benchmark_utils import R50_CONFIG, autocast, build, end_note, load_cfg, machine, setup_threads
+from benchmark_utils import (
+    R50_CONFIG,
+    autocast,
+    build,
+    end_note,
+    load_cfg,
+    machine,
+    model_benchmark_parser,
+    parse_model_benchmark_args,
+    setup_threads,
+)
 from detectron2.structures import Boxes, Instances
 from torch.profiler import record_function
 
@@ -137,16 +146,9 @@ def breakdown(events):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch)")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
-                        help="autocast dtype (fp32: no autocast)")
-    parser.add_argument("--iters", type=int, default=None, help="timed steps")
+    parser = model_benchmark_parser(__doc__.split("\n")[0], "timed steps")
     parser.add_argument("--quick", action="store_true", help="small inputs, shallow transformer")
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device")
+    args = parse_model_benchmark_args(parser, argv)
     setup_threads(args.threads)
     iters = args.iters or (1 if args.quick else 3)
     height, width = (128, 213) if args.quick else (800, 1333)
