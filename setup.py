@@ -32,7 +32,6 @@ def _sources(pattern):
 
 
 def _extension(with_cuda):
-    # optional: a failed build leaves nothing to copy, instead of failing an editable install
     cxx_flags = ["-O3", "-std=c++20"]  # torch 2.14's headers need C++20
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
@@ -42,7 +41,9 @@ def _extension(with_cuda):
             include_dirs=[os.path.join(ROOT, CSRC)],
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
-            optional=True,
+            # optional: a failed build leaves nothing to copy instead of failing an editable
+            # install; with FORCE_CUDA=1 a failure must stop the install
+            optional=os.environ.get("FORCE_CUDA") != "1",
         )
     return CppExtension(
         "deformable_detr._C",
@@ -61,26 +62,28 @@ _BUILD_ATTRIBUTES = (
 class BuildExtensionWithFallback(BuildExtension):
     """Falls back CUDA -> CPU -> no extension instead of failing the install."""
 
-    def build_extension(self, ext):
+    def build_extensions(self):
         try:
-            return super().build_extension(ext)
-        except Exception as error:  # compiler errors come as several exception types
+            return super().build_extensions()
+        except Exception as error:  # compiler, nvcc and torch's checks fail with several types
             if os.environ.get("FORCE_CUDA") == "1":
                 raise
-            cuda_sources = [s for s in ext.sources if s.endswith(".cu")]
-            if cuda_sources:
-                print(f"WARNING: CUDA build of {ext.name} failed ({error}); building CPU kernels.")
-                cpu_ext = _extension(with_cuda=False)
+            failure = error
+        if any(source.endswith(".cu") for ext in self.extensions for source in ext.sources):
+            print(f"WARNING: CUDA build failed ({failure}); building CPU kernels.")
+            cpu_ext = _extension(with_cuda=False)
+            for ext in self.extensions:
                 for attribute in _BUILD_ATTRIBUTES:
                     setattr(ext, attribute, getattr(cpu_ext, attribute))
-                try:
-                    return super().build_extension(ext)
-                except Exception as cpu_error:
-                    error = cpu_error
-            print(
-                f"WARNING: building {ext.name} failed ({error}); "
-                "deformable_detr will use its pure-PyTorch attention."
-            )
+            try:
+                return super().build_extensions()
+            except Exception as error:
+                failure = error
+        print(
+            f"WARNING: no extension built ({failure}); "
+            "deformable_detr will use its pure-PyTorch attention."
+        )
+        self.extensions = []  # nothing to copy into the source tree
 
 
 os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))

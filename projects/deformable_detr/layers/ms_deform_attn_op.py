@@ -20,6 +20,7 @@ else the pure-PyTorch reference), ``compiled`` (error if unavailable) or ``pytor
 """
 
 import contextlib
+import importlib.util
 import os
 from typing import Dict, Optional
 
@@ -41,9 +42,11 @@ _OPMATH_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 def _load_extension():
+    if importlib.util.find_spec("deformable_detr._C") is None:
+        return "deformable_detr._C was not built (see the install log; `make setup` rebuilds it)"
     try:
         from deformable_detr import _C  # noqa: F401  (registers the TORCH_LIBRARY ops)
-    except (ImportError, OSError) as error:  # not built, or built against another torch
+    except (ImportError, OSError) as error:  # e.g. built against another torch
         return str(error)
     return None
 
