@@ -132,6 +132,23 @@ def test_gradcheck_float64(device):
     )
 
 
+@requires_cpu_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3, 5, 16])
+def test_cpu_backward_independent_of_thread_count(threads):
+    # the CPU backward splits the heads into as many tasks as there are threads
+    inputs = make_inputs(2, 6, 8, [(6, 7), (3, 4)], 10, 3, 1.3)
+    reference_inputs = [t.double() if t.is_floating_point() else t for t in inputs]
+    _, expected_grads, grad_output = forward_backward(ms_deform_attn_pytorch, reference_inputs)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _, grads, _ = forward_backward(compiled_op, inputs, grad_output.float())
+    finally:
+        torch.set_num_threads(previous)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

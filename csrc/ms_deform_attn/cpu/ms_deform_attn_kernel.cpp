@@ -1,8 +1,8 @@
 // CPU kernels of multi-scale deformable attention, for float and double.
 //
-// Forward runs one task per query-head (n, q, m); backward runs one task per head (n, m), so
-// every task owns its slice value[n, :, m, :] of grad_value and accumulates without races.
-// The innermost loops run over the D contiguous channels of a value row with at::vec.
+// Forward runs one task per query-head (n, q, m). Backward runs one task per range of heads of
+// one batch element, which owns that slice of grad_value and so accumulates without atomics.
+// The innermost loops run over the D contiguous channels of a value row and auto-vectorize.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -33,9 +33,10 @@ inline void accumulate_sample(
   }
 }
 
-// Backward of one sample over the channels: grad_v[k] += c[k] * go, and returns in `sums` the
-// dot products of go with the sample and with its derivatives along x and y. The sums run in
-// kLanes independent lanes so that the compiler can vectorize them without reassociating.
+// Backward of one sample over the channels: grad_v[k] += c[k] * go, and returns in `dots` the
+// dot products of go with the four corner rows, from which the caller derives the gradients of
+// the attention weight and the location. The dot products run in kLanes independent lanes so
+// that the compiler can vectorize them without reassociating.
 template <typename scalar_t>
 inline void backward_sample(
     const scalar_t* __restrict__ go,
@@ -47,35 +48,44 @@ inline void backward_sample(
     scalar_t* __restrict__ gv1,
     scalar_t* __restrict__ gv2,
     scalar_t* __restrict__ gv3,
-    const Bilinear<scalar_t>& b,
     const scalar_t c[4],
     int64_t D,
-    scalar_t sums[3]) {
+    scalar_t dots[4]) {
   constexpr int64_t kLanes = 8;
-  const scalar_t w0 = b.weight[0], w1 = b.weight[1], w2 = b.weight[2], w3 = b.weight[3];
-  const scalar_t lw = b.lw, lh = b.lh, hw = 1 - lw, hh = 1 - lh;
   const scalar_t c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
-  scalar_t sum_attn[kLanes] = {}, sum_x[kLanes] = {}, sum_y[kLanes] = {};
-  // d(sample)/dx = hh * (v1 - v0) + lh * (v3 - v2), and likewise along y
-  for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
-    const int64_t lanes = std::min(kLanes, D - d0);
-    for (int64_t lane = 0; lane < lanes; ++lane) {
+  scalar_t dot0[kLanes] = {}, dot1[kLanes] = {}, dot2[kLanes] = {}, dot3[kLanes] = {};
+  int64_t d0 = 0;
+  for (; d0 + kLanes <= D; d0 += kLanes) {
+    for (int64_t lane = 0; lane < kLanes; ++lane) {
       const int64_t d = d0 + lane;
       const scalar_t g = go[d];
-      sum_attn[lane] += g * (w0 * v0[d] + w1 * v1[d] + w2 * v2[d] + w3 * v3[d]);
-      sum_x[lane] += g * (hh * (v1[d] - v0[d]) + lh * (v3[d] - v2[d]));
-      sum_y[lane] += g * (hw * (v2[d] - v0[d]) + lw * (v3[d] - v1[d]));
+      dot0[lane] += g * v0[d];
+      dot1[lane] += g * v1[d];
+      dot2[lane] += g * v2[d];
+      dot3[lane] += g * v3[d];
       gv0[d] += c0 * g;
       gv1[d] += c1 * g;
       gv2[d] += c2 * g;
       gv3[d] += c3 * g;
     }
   }
-  sums[0] = sums[1] = sums[2] = 0;
+  for (int64_t d = d0; d < D; ++d) {
+    const scalar_t g = go[d];
+    dot0[0] += g * v0[d];
+    dot1[0] += g * v1[d];
+    dot2[0] += g * v2[d];
+    dot3[0] += g * v3[d];
+    gv0[d] += c0 * g;
+    gv1[d] += c1 * g;
+    gv2[d] += c2 * g;
+    gv3[d] += c3 * g;
+  }
+  dots[0] = dots[1] = dots[2] = dots[3] = 0;
   for (int64_t lane = 0; lane < kLanes; ++lane) {
-    sums[0] += sum_attn[lane];
-    sums[1] += sum_x[lane];
-    sums[2] += sum_y[lane];
+    dots[0] += dot0[lane];
+    dots[1] += dot1[lane];
+    dots[2] += dot2[lane];
+    dots[3] += dot3[lane];
   }
 }
 
@@ -129,6 +139,17 @@ void forward_kernel(
   });
 }
 
+// The largest number of heads per backward task that still gives every thread a task.
+int64_t heads_per_backward_task(int64_t N, int64_t M) {
+  const int64_t threads = at::get_num_threads();
+  for (int64_t heads = M; heads > 1; --heads) {
+    if (M % heads == 0 && N * (M / heads) >= threads) {
+      return heads;
+    }
+  }
+  return 1;
+}
+
 template <typename scalar_t>
 void backward_kernel(
     const scalar_t* value,
@@ -143,43 +164,56 @@ void backward_kernel(
     const Sizes& s) {
   const int64_t row_stride = s.M * s.D;
   const int64_t samples = s.L * s.P;
-  at::parallel_for(0, s.N * s.M, 1, [&](int64_t begin, int64_t end) {
+  // Wide tasks (all heads of a query in turn) read the query-major inputs and the value rows
+  // sequentially (1.35x faster than a task per head on the encoder shape); narrower tasks are
+  // made only when threads would otherwise sit idle.
+  const int64_t heads_per_task = heads_per_backward_task(s.N, s.M);
+  const int64_t tasks_per_batch = s.M / heads_per_task;
+  at::parallel_for(0, s.N * tasks_per_batch, 1, [&](int64_t begin, int64_t end) {
     const std::vector<scalar_t> zeros(s.D, scalar_t(0));
     // gradients of corners outside the map land in these rows and are dropped
     std::vector<scalar_t> sink(4 * s.D);
-    for (int64_t head = begin; head < end; ++head) {
-      const int64_t n = head / s.M, m = head % s.M;
-      const scalar_t* value_head = value + n * s.S * row_stride + m * s.D;
-      scalar_t* grad_value_head = grad_value + n * s.S * row_stride + m * s.D;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / tasks_per_batch;
+      const int64_t first_head = (task % tasks_per_batch) * heads_per_task;
+      const scalar_t* value_batch = value + n * s.S * row_stride;
+      scalar_t* grad_value_batch = grad_value + n * s.S * row_stride;
       for (int64_t q = 0; q < s.Lq; ++q) {
-        const int64_t qh = (n * s.Lq + q) * s.M + m;
-        const scalar_t* go = grad_output + qh * s.D;
-        const scalar_t* loc = sampling_locations + qh * samples * 2;
-        const scalar_t* attn = attention_weights + qh * samples;
-        scalar_t* grad_loc = grad_sampling_locations + qh * samples * 2;
-        scalar_t* grad_attn = grad_attention_weights + qh * samples;
-        for (int64_t l = 0; l < s.L; ++l) {
-          const int64_t H = spatial_shapes[2 * l], W = spatial_shapes[2 * l + 1];
-          for (int64_t p = 0; p < s.P; ++p, loc += 2, grad_loc += 2, ++attn, ++grad_attn) {
-            Bilinear<scalar_t> b;
-            if (!bilinear_corners(loc[0], loc[1], H, W, level_start_index[l], b)) {
-              continue; // the outputs were zero-initialized
+        for (int64_t m = first_head; m < first_head + heads_per_task; ++m) {
+          const int64_t qh = (n * s.Lq + q) * s.M + m;
+          const scalar_t* value_head = value_batch + m * s.D;
+          scalar_t* grad_value_head = grad_value_batch + m * s.D;
+          const scalar_t* go = grad_output + qh * s.D;
+          const scalar_t* loc = sampling_locations + qh * samples * 2;
+          const scalar_t* attn = attention_weights + qh * samples;
+          scalar_t* grad_loc = grad_sampling_locations + qh * samples * 2;
+          scalar_t* grad_attn = grad_attention_weights + qh * samples;
+          for (int64_t l = 0; l < s.L; ++l) {
+            const int64_t H = spatial_shapes[2 * l], W = spatial_shapes[2 * l + 1];
+            for (int64_t p = 0; p < s.P; ++p, loc += 2, grad_loc += 2, ++attn, ++grad_attn) {
+              Bilinear<scalar_t> b;
+              if (!bilinear_corners(loc[0], loc[1], H, W, level_start_index[l], b)) {
+                continue; // the outputs were zero-initialized
+              }
+              const scalar_t* v[4];
+              scalar_t* gv[4];
+              scalar_t c[4];
+              for (int k = 0; k < 4; ++k) {
+                const bool inside = b.row[k] >= 0;
+                v[k] = inside ? value_head + b.row[k] * row_stride : zeros.data();
+                gv[k] = inside ? grad_value_head + b.row[k] * row_stride : sink.data() + k * s.D;
+                c[k] = inside ? *attn * b.weight[k] : scalar_t(0);
+              }
+              scalar_t dots[4];
+              backward_sample(
+                  go, v[0], v[1], v[2], v[3], gv[0], gv[1], gv[2], gv[3], c, s.D, dots);
+              // sample = sum_k weight[k] * v[k], and the weights are bilinear in (x, y)
+              const scalar_t hw = 1 - b.lw, hh = 1 - b.lh;
+              *grad_attn = b.weight[0] * dots[0] + b.weight[1] * dots[1] +
+                  b.weight[2] * dots[2] + b.weight[3] * dots[3];
+              grad_loc[0] = *attn * W * (hh * (dots[1] - dots[0]) + b.lh * (dots[3] - dots[2]));
+              grad_loc[1] = *attn * H * (hw * (dots[2] - dots[0]) + b.lw * (dots[3] - dots[1]));
             }
-            const scalar_t* v[4];
-            scalar_t* gv[4];
-            scalar_t c[4];
-            for (int k = 0; k < 4; ++k) {
-              const bool inside = b.row[k] >= 0;
-              v[k] = inside ? value_head + b.row[k] * row_stride : zeros.data();
-              gv[k] = inside ? grad_value_head + b.row[k] * row_stride : sink.data() + k * s.D;
-              c[k] = inside ? *attn * b.weight[k] : scalar_t(0);
-            }
-            scalar_t sums[3];
-            backward_sample(
-                go, v[0], v[1], v[2], v[3], gv[0], gv[1], gv[2], gv[3], b, c, s.D, sums);
-            *grad_attn = sums[0];
-            grad_loc[0] = *attn * W * sums[1];
-            grad_loc[1] = *attn * H * sums[2];
           }
         }
       }
