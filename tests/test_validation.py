@@ -5,7 +5,11 @@ import pytest
 from detectron2.structures import BoxMode
 from PIL import Image
 
-from deformable_detr.data.validation import drop_duplicate_images, find_dataset_problems
+from deformable_detr.data.validation import (
+    drop_duplicate_images,
+    find_dataset_problems,
+    read_image_or_none,
+)
 
 
 def _record(file_name, boxes, width=64, height=48, category=0):
@@ -65,6 +69,15 @@ def test_duplicates_keep_the_first_record(tmp_path):
 def _mapper_record(tmp_path, boxes_xywh, name="a.png"):
     Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(tmp_path / name)
     return _record(tmp_path / name, boxes_xywh)
+
+
+@pytest.mark.parametrize("image_format", ["RGB", "BGR"])
+def test_read_images_are_writable(tmp_path, image_format):
+    # fvcore's vertical flip warns when handed PIL's read-only buffer
+    path = tmp_path / "image.png"
+    Image.fromarray(np.arange(48 * 64 * 3, dtype=np.uint8).reshape(48, 64, 3)).save(path)
+    image = read_image_or_none(str(path), image_format)
+    assert image.flags.writeable and image.shape == (48, 64, 3)
 
 
 def test_mapper_skips_an_unreadable_image_with_one_warning(tmp_path, caplog):

@@ -150,13 +150,15 @@ def read_image_or_none(file_name, image_format):
     """Detectron2's ``read_image``, or None with one warning per file when the file is missing,
     unreadable or truncated (a dataset mapper returning None makes ``MapDataset`` retry)."""
     try:
-        return utils.read_image(file_name, format=image_format)
+        image = utils.read_image(file_name, format=image_format)
     except UNREADABLE_IMAGE_ERRORS as error:
         reason = f"{type(error).__name__}: {error}"
         log_first_n(
             logging.WARNING, f"{file_name}: skipped, image cannot be read ({reason})", key="message"
         )
         return None
+    # PIL's buffer is read-only; fvcore's vertical flip would warn on torch.from_numpy of it
+    return np.require(image, requirements="W")
 
 
 def drop_degenerate_boxes(annotations, file_name):
