@@ -5,13 +5,13 @@ import datetime
 import os
 import platform
 import subprocess
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
 import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from timing import timed
 
 from deformable_detr.config import add_deformable_detr_config
 
@@ -145,20 +145,13 @@ def time_round_robin(
     """
     names = list(candidates)
 
-    def timed(name):
-        start = time.perf_counter()
-        candidates[name]()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
     for _ in range(warmup):
         for name in names:
-            timed(name)
+            timed(candidates[name], device)
     seconds = {name: [] for name in names}
     for i in range(iters):
         for name in names[i % len(names) :] + names[: i % len(names)]:
-            seconds[name].append(timed(name))
+            seconds[name].append(timed(candidates[name], device))
     return seconds
 
 

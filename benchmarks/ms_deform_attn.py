@@ -18,9 +18,9 @@ the bytes each pass must move at least: every tensor read once and every output 
 
 import argparse
 import sys
-import time
 
 import torch
+from timing import warm_then_time
 
 from deformable_detr.layers import ms_deform_attn
 from deformable_detr.layers.ms_deform_attn_op import active_implementation, use_implementation
@@ -96,16 +96,8 @@ def time_pass(inputs, backward, repeat, device):
                 if grad_output is None:
                     grad_output = torch.randn_like(output)
                 output.backward(grad_output)
-        if device == "cuda":
-            torch.cuda.synchronize()
 
-    run()  # warm-up: allocator, lazy initialization
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(warm_then_time(run, repeat, device))
 
 
 def peak_bandwidth():

@@ -22,6 +22,7 @@ from collections import defaultdict
 import torch
 from benchmark_utils import R50_CONFIG, build, end_note, load_cfg, machine, perturb_, setup_threads
 from ms_deform_attn import make_inputs
+from timing import timed
 
 from deformable_detr.layers import ms_deform_attn
 
@@ -45,14 +46,6 @@ def feature_levels(height, width, num_levels=4):
         if stride >= 8:
             sizes.append((h, w))
     return sizes[:num_levels]
-
-
-def timed(fn, device):
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def add_timing_hooks(model, seconds, device):

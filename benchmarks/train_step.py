@@ -22,7 +22,6 @@ created it (same ``sequence_nr``).
 
 import resource
 import sys
-import time
 from collections import defaultdict
 
 import torch
@@ -38,6 +37,7 @@ from benchmark_utils import (
     setup_threads,
 )
 from detectron2.structures import Boxes, Instances
+from timing import timed, warm_then_time
 from torch.profiler import record_function
 
 QUICK_OPTS = [
@@ -86,8 +86,6 @@ def make_step(model, batch, args):
         with record_function(RANGE_PREFIX + "optimizer"):
             torch.nn.utils.clip_grad_norm_(params, 0.1)
             optimizer.step()
-        if args.device == "cuda":
-            torch.cuda.synchronize()
 
     return step
 
@@ -168,12 +166,7 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats()
         base_memory = torch.cuda.memory_allocated()
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    step()  # warm-up: allocator, optimizer state
-    seconds = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - start)
+    seconds = warm_then_time(step, iters, args.device)
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated()
         memory = f"{peak / 2**20:.0f} MiB allocated at peak, {base_memory / 2**20:.0f} before"
@@ -189,9 +182,7 @@ def main(argv=None):
 
     handles = add_range_hooks(model)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-        start = time.perf_counter()
-        step()
-        profiled = time.perf_counter() - start
+        profiled = timed(step, args.device)
     for handle in handles:
         handle.remove()
     shares = breakdown(profiler.events())
