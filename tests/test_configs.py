@@ -40,6 +40,9 @@ def test_base_recipe_is_the_official_one():
     assert (dd.COST_CLASS, dd.COST_BBOX, dd.COST_GIOU) == (2, 5, 2)
     assert (dd.CLS_LOSS_COEF, dd.BBOX_LOSS_COEF, dd.GIOU_LOSS_COEF) == (2, 5, 2)
     assert not dd.WITH_BOX_REFINE and not dd.TWO_STAGE
+    # The paper: one-to-one matching, plain top-k proposals, no NMS.
+    assert (dd.DECODER_MATCH_REPEATS, dd.ENCODER_MATCH_REPEATS) == (1, 1)
+    assert (dd.TWO_STAGE_PROPOSAL_NMS_THRESH, dd.NMS_THRESH_TEST) == (1.0, 1.0)
     assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False and cfg.MODEL.RESNETS.NORM == "FrozenBN"
     assert cfg.MODEL.BACKBONE.FREEZE_AT == 2 and cfg.INPUT.FORMAT == "RGB"
     s = cfg.SOLVER

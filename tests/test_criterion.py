@@ -99,3 +99,32 @@ def test_gradients_flow_to_logits_and_boxes():
     assert outputs["pred_logits"].grad.abs().sum() > 0
     assert outputs["pred_boxes"].grad[0, 0].abs().sum() > 0
     assert (outputs["pred_boxes"].grad[0, 1] == 0).all()
+
+
+def test_one_to_many_matching_repeats_targets_per_stage():
+    from deformable_detr.modeling.matcher import HungarianMatcher
+
+    # Three queries: two near the one target, one far away.
+    outputs = {
+        "pred_logits": torch.tensor([[[1.0], [0.5], [-1.0]]]),
+        "pred_boxes": torch.tensor([[[0.5, 0.5, 0.4, 0.4], [0.52, 0.5, 0.4, 0.4],
+                                     [0.1, 0.1, 0.1, 0.1]]]),
+    }
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    outputs["enc_outputs"] = dict(outputs)
+    matcher = HungarianMatcher(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0)
+    one = SetCriterion(1, matcher, WEIGHTS)(outputs, targets)
+    many = SetCriterion(1, matcher, WEIGHTS, decoder_match_repeats=2,
+                        encoder_match_repeats=3)(outputs, targets)
+    # Decoder, k=2: queries 0 and 1 are both positives; losses are means over the 2 pairs.
+    l1_query1 = 0.02
+    assert one["loss_bbox"].item() == pytest.approx(0.0, abs=1e-6)
+    assert many["loss_bbox"].item() == pytest.approx(5.0 * l1_query1 / 2, rel=1e-4)
+    focal_two_pos = _focal(1.0, 1) + _focal(0.5, 1) + _focal(-1.0, 0)
+    assert many["loss_ce"].item() == pytest.approx(2.0 * focal_two_pos / 2, rel=1e-5)
+    # Encoder, k=3: every query is a positive, normalized by 3.
+    focal_all_pos = _focal(1.0, 1) + _focal(0.5, 1) + _focal(-1.0, 1)
+    assert many["loss_ce_enc"].item() == pytest.approx(2.0 * focal_all_pos / 3, rel=1e-5)
+
+    with pytest.raises(ValueError, match="decoder_match_repeats"):
+        SetCriterion(1, matcher, WEIGHTS, decoder_match_repeats=0)

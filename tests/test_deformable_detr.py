@@ -139,6 +139,39 @@ def test_forward_raw_and_inference_outputs(variant):
     assert torch.allclose(first.pred_boxes.tensor[0], expected, atol=1e-3)
 
 
+def test_inference_nms_removes_duplicates_only_when_enabled():
+    model = _model(NMS_THRESH_TEST=0.5)
+    model.eval()
+    # Queries 0-2: one object predicted three times (class 0); query 3: the same box as class 1;
+    # query 4: a distinct box. Every other query scores near zero.
+    logits = torch.full((1, 12, 3), -20.0)
+    logits[0, [0, 1, 2], 0] = torch.tensor([3.0, 2.0, 1.0])
+    logits[0, 3, 1] = 0.5
+    logits[0, 4, 0] = 0.0
+    boxes = torch.full((1, 12, 4), 0.5)
+    boxes[0, :4] = torch.tensor([[0.30, 0.30, 0.20, 0.20], [0.31, 0.30, 0.20, 0.20],
+                                 [0.30, 0.31, 0.20, 0.22], [0.30, 0.30, 0.20, 0.20]])
+    boxes[0, 4] = torch.tensor([0.75, 0.75, 0.20, 0.20])
+    (result,) = model.inference(logits, boxes, [(100, 100)])
+    assert result.pred_classes[:3].tolist() == [0, 1, 0]
+    assert torch.allclose(result.scores[:3], torch.tensor([3.0, 0.5, 0.0]).sigmoid())
+    assert torch.allclose(result.pred_boxes.tensor[:3],
+                          torch.tensor([[20.0, 20, 40, 40], [20, 20, 40, 40], [65, 65, 85, 85]]))
+    # The near-zero queries that survive come after; no two kept boxes of a class overlap > 0.5.
+    for c in (0, 1, 2):
+        kept = result.pred_boxes[result.pred_classes == c]
+        iou = pairwise_iou(kept, kept).fill_diagonal_(0)
+        assert (iou <= 0.5).all()
+
+    model.nms_thresh_test = 1.0  # the paper: every (query, class) pair in the top-k
+    (result,) = model.inference(logits, boxes, [(100, 100)])
+    assert len(result) == 12 * 3
+    assert result.pred_classes[:5].tolist() == [0, 0, 0, 1, 0]
+
+    with pytest.raises(ValueError, match="NMS_THRESH_TEST"):
+        _model(NMS_THRESH_TEST=0.0)
+
+
 @pytest.mark.parametrize("variant", ["multi_scale", "two_stage"])
 def test_mixed_precision_forward_backward(variant):
     # CPU bfloat16 autocast stands in for CUDA AMP here: losses and outputs stay float32.

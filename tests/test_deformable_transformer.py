@@ -143,3 +143,28 @@ def test_forward_two_stage():
     # The queries start from the top-scoring encoder proposals.
     top = enc_class[0, :, 0].topk(7).indices
     assert torch.allclose(init_ref[0], enc_coord[0, top].sigmoid())
+
+
+def test_distinct_topk_proposals_suppress_overlaps_then_fill():
+    from deformable_detr.modeling.deformable_transformer import inverse_sigmoid
+
+    t = DeformableTransformer(d_model=D, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
+                              dim_feedforward=64, num_feature_levels=2, two_stage=True,
+                              two_stage_num_proposals=7, two_stage_proposal_nms_thresh=0.5)
+    # Proposals 0-2 overlap heavily (IoU > 0.5), 3 is apart, 4 overlaps 3 by less than 0.5.
+    boxes = torch.tensor([[[0.30, 0.30, 0.2, 0.2], [0.31, 0.30, 0.2, 0.2], [0.30, 0.31, 0.2, 0.2],
+                           [0.70, 0.70, 0.2, 0.2], [0.80, 0.70, 0.2, 0.2]]])
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5]])
+    coords = inverse_sigmoid(boxes)
+    assert t.distinct_topk_proposals(scores, coords, 3).tolist() == [[0, 3, 4]]
+    # Fewer than k distinct ones: the best suppressed proposals fill the remaining slots.
+    assert t.distinct_topk_proposals(scores, coords, 5).tolist() == [[0, 3, 4, 1, 2]]
+
+    t.decoder.class_embed = nn.ModuleList(nn.Linear(D, 3) for _ in range(2))
+    t.decoder.bbox_embed = nn.ModuleList(nn.Linear(D, 4) for _ in range(2))
+    hs, init_ref, _, enc_class, enc_coord = t(*_inputs())
+    top = t.distinct_topk_proposals(enc_class[..., 0], enc_coord, 7)
+    assert torch.allclose(init_ref, torch.stack([c[i] for c, i in zip(enc_coord, top)]).sigmoid())
+
+    with pytest.raises(ValueError, match="TWO_STAGE_PROPOSAL_NMS_THRESH"):
+        DeformableTransformer(two_stage=True, two_stage_proposal_nms_thresh=0.0)

@@ -26,7 +26,11 @@ def _onnx_session(path):
 
 def _model(variant):
     torch.manual_seed(0)
-    return build_model(tiny_cfg(variant)).eval()
+    # "+distinct": two-stage queries picked after proposal NMS (a data-dependent op).
+    cfg = tiny_cfg(variant.removesuffix("+distinct"))
+    if variant.endswith("+distinct"):
+        cfg.MODEL.DEFORMABLE_DETR.TWO_STAGE_PROPOSAL_NMS_THRESH = 0.7
+    return build_model(cfg).eval()
 
 
 def _eager(model, inputs):
@@ -46,7 +50,7 @@ def test_wrapper_matches_forward_raw_on_same_size_images():
 
 
 @pytest.mark.skipif(not compiled_kernels()["cpu"], reason="deformable_detr._C has no CPU kernel")
-@pytest.mark.parametrize("variant", ["multi_scale", "two_stage"])
+@pytest.mark.parametrize("variant", ["multi_scale", "two_stage", "two_stage+distinct"])
 def test_torch_export_keeps_the_compiled_op_and_matches_eager(variant, tmp_path, monkeypatch):
     monkeypatch.setenv(IMPL_ENV_VAR, "pytorch")  # the export picks the compiled op itself
     model = _model(variant)

@@ -39,6 +39,9 @@ def add_deformable_detr_config(cfg):
     _C.TWO_STAGE = False
     # Proposals kept by the first stage of the two-stage variant (official: = NUM_QUERIES).
     _C.TWO_STAGE_NUM_PROPOSALS = 300
+    # Class-agnostic NMS IoU threshold applied to the encoder proposals before that top-k, so the
+    # queries are distinct (DDQ-DETR); 1.0 is the paper's plain top-k.
+    _C.TWO_STAGE_PROPOSAL_NMS_THRESH = 1.0
     # Supervise every decoder layer (auxiliary losses).
     _C.AUX_LOSS = True
     # Matching cost weights of the Hungarian matcher.
@@ -49,9 +52,17 @@ def add_deformable_detr_config(cfg):
     _C.CLS_LOSS_COEF = 2.0
     _C.BBOX_LOSS_COEF = 5.0
     _C.GIOU_LOSS_COEF = 2.0
+    # Predictions matched to each target, per decoder layer and for the two-stage encoder
+    # proposals: 1 is the paper's one-to-one matching; k > 1 matches one-to-many (more positives,
+    # faster training on small data) and then needs NMS_THRESH_TEST < 1.
+    _C.DECODER_MATCH_REPEATS = 1
+    _C.ENCODER_MATCH_REPEATS = 1
     # Sigmoid focal loss parameters (used by both the loss and the matching cost).
     _C.FOCAL_ALPHA = 0.25
     _C.FOCAL_GAMMA = 2.0
+    # Per-class NMS IoU threshold at inference. 1.0 keeps the set prediction as it is (the paper,
+    # no NMS); below 1 it removes the duplicates a briefly trained model still predicts.
+    _C.NMS_THRESH_TEST = 1.0
     # Backbone features fed to the neck, from high to low resolution.
     _C.IN_FEATURES = ["res3", "res4", "res5"]
     # Name of the neck in DEFORMABLE_DETR_NECK_REGISTRY.

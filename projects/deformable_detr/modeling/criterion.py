@@ -14,6 +14,10 @@ class SetCriterion(nn.Module):
     Matches the predictions of the last decoder layer, of every auxiliary decoder layer and of the
     two-stage encoder to the targets (each with its own Hungarian matching), and sums weighted
     losses. All losses are normalized by the number of target boxes averaged over workers.
+
+    With ``decoder_match_repeats`` / ``encoder_match_repeats`` k > 1 every target is matched to up
+    to k predictions of that stage (one-to-many, as H-DETR's one-to-many branch); such a model
+    predicts each object several times and needs NMS at inference.
     """
 
     def __init__(
@@ -23,6 +27,8 @@ class SetCriterion(nn.Module):
         weight_dict: Dict[str, float],
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        decoder_match_repeats: int = 1,
+        encoder_match_repeats: int = 1,
     ):
         """
         Args:
@@ -31,13 +37,22 @@ class SetCriterion(nn.Module):
             weight_dict: weights of "loss_ce", "loss_bbox", "loss_giou"; the same weights apply
                 to the auxiliary ("_0", "_1", ...) and encoder ("_enc") copies.
             focal_alpha, focal_gamma: sigmoid focal loss parameters.
+            decoder_match_repeats: predictions of every decoder layer matched to each target
+                (1: the paper's one-to-one matching).
+            encoder_match_repeats: the same for the two-stage encoder proposals.
         """
         super().__init__()
+        repeats = {"decoder": decoder_match_repeats, "encoder": encoder_match_repeats}
+        for stage, k in repeats.items():
+            if k < 1:
+                raise ValueError(f"{stage}_match_repeats must be >= 1, got {k}")
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.decoder_match_repeats = decoder_match_repeats
+        self.encoder_match_repeats = encoder_match_repeats
 
     @staticmethod
     def _src_permutation_idx(indices) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -77,6 +92,12 @@ class SetCriterion(nn.Module):
             "loss_giou": loss_giou.sum() / num_boxes,
         }
 
+    @staticmethod
+    def _repeat_targets(targets, repeats: int) -> List[Dict[str, torch.Tensor]]:
+        if repeats == 1:
+            return targets
+        return [{k: v.repeat(repeats, *[1] * (v.dim() - 1)) for k, v in t.items()} for t in targets]
+
     def _weighted_losses(self, outputs, targets, num_boxes, suffix) -> Dict[str, torch.Tensor]:
         # Losses in float32 whatever the autocast dtype of the predictions (AMP).
         outputs = {key: outputs[key].float() for key in ("pred_logits", "pred_boxes")}
@@ -107,15 +128,20 @@ class SetCriterion(nn.Module):
             torch.distributed.all_reduce(num_boxes)
         num_boxes = torch.clamp(num_boxes / comm.get_world_size(), min=1).item()
 
-        losses = self._weighted_losses(outputs, targets, num_boxes, "")
+        # One-to-many matching normalizes by the number of matched pairs it asks for.
+        dec_targets = self._repeat_targets(targets, self.decoder_match_repeats)
+        dec_num_boxes = num_boxes * self.decoder_match_repeats
+        losses = self._weighted_losses(outputs, dec_targets, dec_num_boxes, "")
         for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
-            losses.update(self._weighted_losses(aux_outputs, targets, num_boxes, f"_{i}"))
+            losses.update(self._weighted_losses(aux_outputs, dec_targets, dec_num_boxes, f"_{i}"))
         if "enc_outputs" in outputs:
             # Encoder proposals are class-agnostic: every target is class 0 (official).
             bin_targets = [
                 {"labels": torch.zeros_like(t["labels"]), "boxes": t["boxes"]} for t in targets
             ]
+            bin_targets = self._repeat_targets(bin_targets, self.encoder_match_repeats)
+            enc_num_boxes = num_boxes * self.encoder_match_repeats
             losses.update(
-                self._weighted_losses(outputs["enc_outputs"], bin_targets, num_boxes, "_enc")
+                self._weighted_losses(outputs["enc_outputs"], bin_targets, enc_num_boxes, "_enc")
             )
         return losses

@@ -10,7 +10,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
-from torchvision.ops import box_convert
+from torchvision.ops import batched_nms, box_convert
 
 from .criterion import SetCriterion
 from .deformable_transformer import DeformableTransformer, inverse_sigmoid
@@ -61,6 +61,7 @@ class DeformableDETR(nn.Module):
         with_box_refine: bool = False,
         two_stage: bool = False,
         detections_per_image: int = 100,
+        nms_thresh_test: float = 1.0,
     ):
         """
         Args:
@@ -76,8 +77,14 @@ class DeformableDETR(nn.Module):
             with_box_refine: iterative bounding box refinement.
             two_stage: two-stage variant.
             detections_per_image: top-k (query, class) pairs kept at inference.
+            nms_thresh_test: IoU above which a lower-scoring detection of the same class is
+                suppressed at inference; 1.0 (the paper) keeps every set prediction.
         """
         super().__init__()
+        if not 0.0 < nms_thresh_test <= 1.0:
+            raise ValueError(
+                f"MODEL.DEFORMABLE_DETR.NMS_THRESH_TEST must be in (0, 1], got {nms_thresh_test}"
+            )
         if two_stage and not with_box_refine:
             # The transformer reads its proposal box head from decoder.bbox_embed (set by refine).
             raise ValueError("two_stage=True requires with_box_refine=True (as the official code)")
@@ -96,6 +103,7 @@ class DeformableDETR(nn.Module):
         self.with_box_refine = with_box_refine
         self.two_stage = two_stage
         self.detections_per_image = detections_per_image
+        self.nms_thresh_test = nms_thresh_test
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -147,6 +155,7 @@ class DeformableDETR(nn.Module):
             enc_n_points=dd.ENC_N_POINTS,
             two_stage=dd.TWO_STAGE,
             two_stage_num_proposals=dd.TWO_STAGE_NUM_PROPOSALS,
+            two_stage_proposal_nms_thresh=dd.TWO_STAGE_PROPOSAL_NMS_THRESH,
         )
         matcher = HungarianMatcher(
             cost_class=dd.COST_CLASS,
@@ -163,6 +172,8 @@ class DeformableDETR(nn.Module):
         criterion = SetCriterion(
             dd.NUM_CLASSES, matcher, weight_dict, focal_alpha=dd.FOCAL_ALPHA,
             focal_gamma=dd.FOCAL_GAMMA,
+            decoder_match_repeats=dd.DECODER_MATCH_REPEATS,
+            encoder_match_repeats=dd.ENCODER_MATCH_REPEATS,
         )
         return {
             "backbone": backbone,
@@ -177,6 +188,7 @@ class DeformableDETR(nn.Module):
             "with_box_refine": dd.WITH_BOX_REFINE,
             "two_stage": dd.TWO_STAGE,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "nms_thresh_test": dd.NMS_THRESH_TEST,
         }
 
     @property
@@ -312,7 +324,8 @@ class DeformableDETR(nn.Module):
         self, pred_logits: torch.Tensor, pred_boxes: torch.Tensor, image_sizes
     ) -> List[Instances]:
         """
-        Keep the top ``detections_per_image`` (query, class) pairs by sigmoid score.
+        Keep the top ``detections_per_image`` (query, class) pairs by sigmoid score, after
+        per-class NMS when ``nms_thresh_test`` < 1.
 
         Args:
             pred_logits: (N, Q, K); pred_boxes: (N, Q, 4) normalized cxcywh.
@@ -326,7 +339,9 @@ class DeformableDETR(nn.Module):
         # Rank and scale in float32 whatever the autocast dtype of the heads.
         pred_logits, pred_boxes = pred_logits.float(), pred_boxes.float()
         prob = pred_logits.sigmoid().view(n, -1)
-        k = min(self.detections_per_image, prob.shape[1])
+        use_nms = self.nms_thresh_test < 1.0
+        # NMS ranks every (query, class) pair: a pair below the top-k may survive it.
+        k = prob.shape[1] if use_nms else min(self.detections_per_image, prob.shape[1])
         scores, topk_indexes = torch.topk(prob, k, dim=1)
         query_index = topk_indexes // num_classes
         labels = topk_indexes % num_classes
@@ -335,10 +350,15 @@ class DeformableDETR(nn.Module):
 
         results = []
         for i, (h, w) in enumerate(image_sizes):
-            result = Instances((h, w))
             scale = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
-            result.pred_boxes = Boxes(boxes[i] * scale)
-            result.scores = scores[i]
-            result.pred_classes = labels[i]
+            boxes_i, scores_i, labels_i = boxes[i] * scale, scores[i], labels[i]
+            if use_nms:
+                keep = batched_nms(boxes_i, scores_i, labels_i, self.nms_thresh_test)
+                keep = keep[: self.detections_per_image]
+                boxes_i, scores_i, labels_i = boxes_i[keep], scores_i[keep], labels_i[keep]
+            result = Instances((h, w))
+            result.pred_boxes = Boxes(boxes_i)
+            result.scores = scores_i
+            result.pred_classes = labels_i
             results.append(result)
         return results

@@ -11,6 +11,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import box_convert, nms
 
 from ..layers import MSDeformAttn
 
@@ -240,12 +241,19 @@ class DeformableTransformer(nn.Module):
         enc_n_points: int = 4,
         two_stage: bool = False,
         two_stage_num_proposals: int = 300,
+        two_stage_proposal_nms_thresh: float = 1.0,
     ):
         super().__init__()
+        if not 0.0 < two_stage_proposal_nms_thresh <= 1.0:
+            raise ValueError(
+                "MODEL.DEFORMABLE_DETR.TWO_STAGE_PROPOSAL_NMS_THRESH must be in (0, 1], got "
+                f"{two_stage_proposal_nms_thresh}"
+            )
         self.d_model = d_model
         self.nhead = nhead
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
+        self.two_stage_proposal_nms_thresh = two_stage_proposal_nms_thresh
 
         encoder_layer = DeformableTransformerEncoderLayer(
             d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points
@@ -290,6 +298,25 @@ class DeformableTransformer(nn.Module):
         pos = proposals.sigmoid() * scale
         pos = pos[:, :, :, None] / dim_t
         return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
+
+    @torch.no_grad()
+    def distinct_topk_proposals(
+        self, scores: torch.Tensor, coords_unact: torch.Tensor, k: int
+    ) -> torch.Tensor:
+        """
+        Indices (N, k) of the top-``k`` proposals after class-agnostic NMS at
+        ``two_stage_proposal_nms_thresh`` (distinct queries, as DDQ-DETR), so that neighbouring
+        encoder positions do not all become queries for the same object. When fewer than ``k``
+        survive, the best suppressed ones fill the rest.
+        """
+        scores = scores.float()
+        boxes = box_convert(coords_unact.float().sigmoid(), "cxcywh", "xyxy")
+        kept = torch.zeros_like(scores, dtype=torch.bool)
+        for kept_i, scores_i, boxes_i in zip(kept, scores, boxes):
+            kept_i[nms(boxes_i, scores_i, self.two_stage_proposal_nms_thresh)] = True
+        # Survivors first, each group by score (fixed shapes: traceable and exportable).
+        offset = scores.amax(1, keepdim=True) - scores.amin(1, keepdim=True) + 1
+        return torch.topk(scores + kept * offset, k, dim=1)[1]
 
     def gen_encoder_output_proposals(
         self, memory: torch.Tensor, memory_padding_mask: torch.Tensor, spatial_shapes: torch.Tensor
@@ -402,7 +429,12 @@ class DeformableTransformer(nn.Module):
                 self.decoder.bbox_embed[self.decoder.num_layers](output_memory) + output_proposals
             )
             topk = min(self.two_stage_num_proposals, enc_outputs_class.shape[1])
-            topk_proposals = torch.topk(enc_outputs_class[..., 0], topk, dim=1)[1]
+            if self.two_stage_proposal_nms_thresh < 1.0:
+                topk_proposals = self.distinct_topk_proposals(
+                    enc_outputs_class[..., 0], enc_outputs_coord_unact, topk
+                )
+            else:
+                topk_proposals = torch.topk(enc_outputs_class[..., 0], topk, dim=1)[1]
             topk_coords_unact = torch.gather(
                 enc_outputs_coord_unact, 1, topk_proposals.unsqueeze(-1).repeat(1, 1, 4)
             ).detach()
