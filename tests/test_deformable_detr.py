@@ -172,6 +172,14 @@ def test_inference_nms_removes_duplicates_only_when_enabled():
         _model(NMS_THRESH_TEST=0.0)
 
 
+def test_one_to_many_without_nms_warns(caplog):
+    with caplog.at_level("WARNING", logger="deformable_detr.modeling.deformable_detr"):
+        _model(DECODER_MATCH_REPEATS=2, NMS_THRESH_TEST=0.6)
+        assert "NMS_THRESH_TEST" not in caplog.text
+        _model(DECODER_MATCH_REPEATS=2)
+    assert "set MODEL.DEFORMABLE_DETR.NMS_THRESH_TEST < 1" in caplog.text
+
+
 @pytest.mark.parametrize("variant", ["multi_scale", "two_stage"])
 def test_mixed_precision_forward_backward(variant):
     # CPU bfloat16 autocast stands in for CUDA AMP here: losses and outputs stay float32.

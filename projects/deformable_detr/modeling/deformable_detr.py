@@ -1,6 +1,7 @@
 """The Deformable DETR meta-architecture (Zhu et al., ICLR 2021) for Detectron2."""
 
 import copy
+import logging
 import math
 from typing import Dict, List, Tuple
 
@@ -16,6 +17,8 @@ from .criterion import SetCriterion
 from .deformable_transformer import DeformableTransformer, inverse_sigmoid
 from .matcher import HungarianMatcher
 from .neck import build_neck
+
+logger = logging.getLogger(__name__)
 
 
 class MLP(nn.Module):
@@ -84,6 +87,11 @@ class DeformableDETR(nn.Module):
         if not 0.0 < nms_thresh_test <= 1.0:
             raise ValueError(
                 f"MODEL.DEFORMABLE_DETR.NMS_THRESH_TEST must be in (0, 1], got {nms_thresh_test}"
+            )
+        if criterion.decoder_match_repeats > 1 and nms_thresh_test == 1.0:
+            logger.warning(
+                "DECODER_MATCH_REPEATS > 1 trains the model to predict every object several "
+                "times; set MODEL.DEFORMABLE_DETR.NMS_THRESH_TEST < 1 to remove the duplicates"
             )
         if two_stage and not with_box_refine:
             # The transformer reads its proposal box head from decoder.bbox_embed (set by refine).
