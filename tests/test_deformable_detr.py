@@ -172,6 +172,14 @@ def test_inference_nms_removes_duplicates_only_when_enabled():
         _model(NMS_THRESH_TEST=0.0)
 
 
+@pytest.mark.parametrize("key, value", [("ENCODER_MATCH_REPEATS", 4),
+                                        ("TWO_STAGE_PROPOSAL_NMS_THRESH", 0.7)])
+def test_two_stage_options_without_two_stage_are_an_error(key, value):
+    with pytest.raises(ValueError, match=key):
+        _model("box_refine", **{key: value})
+    _model("two_stage", **{key: value})
+
+
 def test_one_to_many_without_nms_warns(caplog):
     with caplog.at_level("WARNING", logger="deformable_detr.modeling.deformable_detr"):
         _model(DECODER_MATCH_REPEATS=2, NMS_THRESH_TEST=0.6)

@@ -96,6 +96,13 @@ class DeformableDETR(nn.Module):
         if two_stage and not with_box_refine:
             # The transformer reads its proposal box head from decoder.bbox_embed (set by refine).
             raise ValueError("two_stage=True requires with_box_refine=True (as the official code)")
+        if not two_stage and (
+            criterion.encoder_match_repeats > 1 or transformer.two_stage_proposal_nms_thresh < 1.0
+        ):
+            raise ValueError(
+                "ENCODER_MATCH_REPEATS and TWO_STAGE_PROPOSAL_NMS_THRESH act on the two-stage "
+                "encoder proposals: set MODEL.DEFORMABLE_DETR.TWO_STAGE True or leave them at 1"
+            )
         if two_stage != transformer.two_stage:
             raise ValueError(
                 f"two_stage ({two_stage}) must match transformer.two_stage "
