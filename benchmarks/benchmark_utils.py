@@ -14,6 +14,7 @@ from detectron2.modeling import build_model
 from timing import timed
 
 from deformable_detr.config import add_deformable_detr_config
+from deformable_detr.utils.testing import randomize_
 
 # The peer must run HuggingFace's pure-PyTorch attention: no hub kernels, no downloads.
 os.environ.setdefault("USE_HUB_KERNELS", "0")
@@ -74,25 +75,11 @@ def build(cfg, device: str) -> torch.nn.Module:
     return build_model(cfg)
 
 
-def perturb_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Perturb every weight and frozen-BN statistic so zero-initialized parts count too."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.02)
-        for name, buffer in module.named_buffers():
-            if name.endswith(("running_var", ".weight")):
-                buffer.copy_(torch.rand(buffer.shape, generator=generator) + 0.5)
-            elif name.endswith(("running_mean", ".bias")):
-                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
-    return module
-
-
 def hf_peer_and_plugin(cfg, device: str):
     """
     HuggingFace ``DeformableDetrForObjectDetection`` (timm ResNet-50, pure-PyTorch attention,
     random weights) and the plugin model built from ``cfg`` with the same weights, converted by
-    ``deformable_detr.checkpoint_conversion``. ``cfg`` must describe a ResNet-50 model with the
+    ``deformable_detr.checkpoint``. ``cfg`` must describe a ResNet-50 model with the
     80 COCO classes (the converter reduces HF's 91 COCO-id classes to them).
 
     Returns:
@@ -101,7 +88,7 @@ def hf_peer_and_plugin(cfg, device: str):
     import transformers
     from transformers.models.deformable_detr import modeling_deformable_detr
 
-    from deformable_detr.checkpoint_conversion import coco_class_rows, convert_state_dict
+    from deformable_detr.checkpoint import coco_class_rows, convert_state_dict
 
     dd = cfg.MODEL.DEFORMABLE_DETR
     config = transformers.DeformableDetrConfig(
@@ -126,7 +113,7 @@ def hf_peer_and_plugin(cfg, device: str):
         disable_custom_kernels=True,
     )
     torch.manual_seed(0)
-    hf = perturb_(transformers.DeformableDetrForObjectDetection(config), seed=1).eval()
+    hf = randomize_(transformers.DeformableDetrForObjectDetection(config), seed=1).eval()
     attention = modeling_deformable_detr.MultiScaleDeformableAttention
     if attention.forward.__module__ != modeling_deformable_detr.__name__:
         raise RuntimeError("HF MultiScaleDeformableAttention is replaced by a hub kernel")

@@ -13,7 +13,7 @@ already resized RGB uint8-range float image, batch 1, in eval mode under ``torch
   ``post_process_object_detection`` (top-100, boxes scaled to the image).
 
 Models: the multi-scale R50 model (``configs/deformable_detr_R50_50ep.yaml``) at 800x1333, with
-random weights shared with the HF peer through ``deformable_detr.checkpoint_conversion`` (the
+random weights shared with the HF peer through ``deformable_detr.checkpoint`` (the
 logits and boxes of both are compared), and the demo model
 (``configs/demo/deformable_detr_mnv2_trees.yaml``) on a 400x400 tile, which has no HF peer
 (see ``NO_HF_PEER``). Each model also runs with the pure-PyTorch op
@@ -37,12 +37,12 @@ from benchmark_utils import (
     model_benchmark_parser,
     parse_model_benchmark_args,
     percentile,
-    perturb_,
     setup_threads,
     time_round_robin,
 )
 
 from deformable_detr.layers.ms_deform_attn_op import use_implementation
+from deformable_detr.utils.testing import randomize_
 
 # A shallower transformer with fewer queries for --quick (same backbone and op).
 QUICK_OPTS = [
@@ -163,7 +163,7 @@ def main(argv=None):
             hf, model, rows = hf_peer_and_plugin(cfg, args.device)
         else:
             torch.manual_seed(0)
-            model = perturb_(build(cfg, "cpu"), seed=1).eval().to(args.device)
+            model = randomize_(build(cfg, "cpu"), seed=1).eval().to(args.device)
         candidates = {
             "plugin (compiled op)": plugin_candidate(model, image, "compiled", args),
             "plugin (pytorch op)": plugin_candidate(model, image, "pytorch", args),

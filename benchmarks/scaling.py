@@ -20,11 +20,12 @@ import time
 from collections import defaultdict
 
 import torch
-from benchmark_utils import R50_CONFIG, build, end_note, load_cfg, machine, perturb_, setup_threads
+from benchmark_utils import R50_CONFIG, build, end_note, load_cfg, machine, setup_threads
 from ms_deform_attn import make_inputs
 from timing import timed
 
 from deformable_detr.layers import ms_deform_attn
+from deformable_detr.utils.testing import randomize_
 
 ASPECT = 1333 / 800
 SHORT_SIDES = (512, 800, 1024, 1333)
@@ -89,7 +90,7 @@ def main(argv=None):
 
     cfg = load_cfg(R50_CONFIG, QUICK_OPTS if args.quick else [])
     torch.manual_seed(0)
-    model = perturb_(build(cfg, "cpu"), seed=1).eval().to(args.device)
+    model = randomize_(build(cfg, "cpu"), seed=1).eval().to(args.device)
     hook_seconds = defaultdict(list)
     add_timing_hooks(model, hook_seconds, args.device)
     num_levels = cfg.MODEL.DEFORMABLE_DETR.NUM_FEATURE_LEVELS

@@ -40,6 +40,8 @@ from detectron2.structures import Boxes, Instances
 from timing import timed, warm_then_time
 from torch.profiler import record_function
 
+from deformable_detr.solver import build_optimizer
+
 QUICK_OPTS = [
     "MODEL.DEFORMABLE_DETR.ENC_LAYERS", "2",
     "MODEL.DEFORMABLE_DETR.DEC_LAYERS", "2",
@@ -72,9 +74,10 @@ def synthetic_batch(batch_size, height, width, num_boxes, num_classes, device, s
     return batch
 
 
-def make_step(model, batch, args):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-4)
+def make_step(cfg, model, batch, args):
+    """One training step as the trainer runs it, with the optimizer of ``deformable_detr.solver``
+    (three learning rates, full-model gradient clipping)."""
+    optimizer = build_optimizer(cfg, model)
 
     def step():
         with record_function(RANGE_PREFIX + "forward"), autocast(args.device, args.dtype):
@@ -84,7 +87,6 @@ def make_step(model, batch, args):
         with record_function(RANGE_PREFIX + "backward"):
             total.backward()
         with record_function(RANGE_PREFIX + "optimizer"):
-            torch.nn.utils.clip_grad_norm_(params, 0.1)
             optimizer.step()
 
     return step
@@ -158,7 +160,7 @@ def main(argv=None):
     batch = synthetic_batch(
         batch_size, height, width, 10, cfg.MODEL.DEFORMABLE_DETR.NUM_CLASSES, args.device
     )
-    step = make_step(model, batch, args)
+    step = make_step(cfg, model, batch, args)
 
     print(f"# training step, batch {batch_size} of {height}x{width}, {args.dtype}, "
           f"{machine(args.device, args.threads)}")

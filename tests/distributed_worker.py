@@ -1,4 +1,4 @@
-"""Trains with ``train_net.py``'s Trainer in 2 CPU processes (Gloo) for ``test_distributed.py``.
+"""Trains with the package's Trainer in 2 CPU processes (Gloo) for ``test_distributed.py``.
 
     python tests/distributed_worker.py CONFIG.yaml ANN.json:IMAGE_DIR RESULTS_DIR
 
@@ -12,8 +12,9 @@ import sys
 import torch
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
-from tiny_training import import_train_net
 from torch.nn.parallel import DistributedDataParallel
+
+from deformable_detr.engine import Trainer, setup
 
 WORLD_SIZE = 2
 
@@ -29,13 +30,12 @@ def _criterion_check(criterion):
 
 
 def main(config_file, coco_spec, results_dir):
-    train_net = import_train_net()
     args = default_argument_parser().parse_args(
         ["--config-file", config_file, "--num-gpus", str(WORLD_SIZE)]
     )
     args.train_coco, args.val_coco = [coco_spec], []
-    cfg = train_net.setup(args)
-    trainer = train_net.Trainer(cfg)
+    cfg = setup(args)
+    trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     before = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     trainer.train()

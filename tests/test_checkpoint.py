@@ -2,6 +2,8 @@ import os
 
 import pytest
 import torch
+from detectron2.modeling import build_model
+from tiny_deformable_detr import official_head_keys, tiny_cfg
 from torch import nn
 
 from deformable_detr.checkpoint import (
@@ -75,3 +77,27 @@ def test_resume_without_any_readable_checkpoint_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CorruptCheckpointError, match="No readable checkpoint"):
         _checkpointer(tmp_path).resume_or_load("", resume=True)
+
+
+@pytest.mark.parametrize("variant", ["multi_scale", "box_refine", "two_stage"])
+def test_checkpoint_of_the_earlier_layout_with_aliased_heads_loads(variant, tmp_path):
+    """Before 0.2 the heads were stored per decoder layer and again under transformer.decoder."""
+    cfg = tiny_cfg(variant)
+    torch.manual_seed(0)
+    trained = build_model(cfg).eval()
+    with torch.no_grad():
+        for parameter in trained.heads.parameters():
+            parameter.normal_(0, 0.1)
+    earlier = {}
+    for key, value in trained.state_dict().items():
+        if key.startswith("heads."):
+            for old_key in official_head_keys(key[len("heads.") :], cfg):
+                earlier[old_key] = value
+        else:
+            earlier[key] = value
+    torch.save({"model": earlier}, tmp_path / "earlier.pth")
+
+    model = build_model(cfg).eval()
+    AtomicDetectionCheckpointer(model).load(str(tmp_path / "earlier.pth"))
+    for key, value in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key

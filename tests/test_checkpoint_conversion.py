@@ -1,6 +1,6 @@
 """
 Conversion of official / HuggingFace Deformable DETR checkpoints
-(tools/convert_official_checkpoint.py, deformable_detr.checkpoint_conversion): strict loading,
+(tools/convert_official_checkpoint.py, deformable_detr.checkpoint): strict loading,
 output parity with HuggingFace's model on the same normalized images, the COCO class mapping, and
 clean failures that write nothing.
 """
@@ -17,11 +17,12 @@ import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from tiny_deformable_detr import official_head_keys
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import deformable_detr.modeling  # noqa: F401  (registers the meta-architecture)
-from deformable_detr.checkpoint_conversion import (
+from deformable_detr.checkpoint import (
     CheckpointConversionError,
     check_state_dict_matches,
     coco_class_rows,
@@ -29,6 +30,7 @@ from deformable_detr.checkpoint_conversion import (
     load_source_state_dict,
 )
 from deformable_detr.config import add_deformable_detr_config
+from deformable_detr.utils.testing import randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_CONFIGS = ROOT / "configs" / "official"
@@ -85,21 +87,6 @@ def run_tool(*args):
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     return tool.main([str(a) for a in args])
-
-
-def randomize_(module, seed):
-    """Perturb every weight (zero-initialized heads included) and every frozen-BN statistic."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-        for name, b in module.named_buffers():
-            # timm zero-initializes the last BN of each block: make every branch count.
-            if name.endswith("running_var") or name.endswith(".weight"):
-                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-            elif name.endswith("running_mean") or name.endswith(".bias"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
-    return module
 
 
 def images(seed=0):
@@ -253,17 +240,16 @@ def official_layout_checkpoint(variant):
         f"backbone.0.body.{k}": v for k, v in resnet.state_dict().items() if not k.startswith("fc.")
     }
     g = torch.Generator().manual_seed(4)
-    heads_91 = {}
     for key, value in plugin.items():
         if key.startswith("backbone."):
             continue
         if key.startswith("neck."):
             official[key[len("neck.") :]] = value
-        elif "class_embed." in key:
-            # Shared heads keep sharing one tensor, like the official state dict.
-            if value.data_ptr() not in heads_91:
-                heads_91[value.data_ptr()] = torch.randn(91, *value.shape[1:], generator=g)
-            official[key] = heads_91[value.data_ptr()]
+        elif key.startswith("heads."):
+            if "class_embed." in key:
+                value = torch.randn(91, *value.shape[1:], generator=g)
+            for official_key in official_head_keys(key[len("heads.") :], cfg):
+                official[official_key] = value
         else:
             official[key] = value
     return official, resnet, plugin
@@ -294,7 +280,7 @@ def test_official_checkpoint_converts_and_loads_strictly(variant, tmp_path):
         if key.startswith("backbone."):
             continue
         if "class_embed." in key:
-            source = official[key]
+            source = official[key[len("heads.") :]]
             head_index = int(re.search(r"class_embed\.(\d+)\.", key).group(1))
             encoder_head = variant == "two_stage" and head_index == 2
             # The two-stage encoder head keeps COCO id 0 (its objectness) as column 0.
@@ -323,10 +309,12 @@ def test_class_mapping_follows_coco_category_ids():
     assert 12 not in rows and 0 not in rows  # unused COCO ids
     official, _, _ = official_layout_checkpoint("multi_scale")
     converted, _ = convert_state_dict(official, "official")
-    weight = converted["class_embed.0.weight"]
+    weight = converted["heads.class_embed.0.weight"]
     assert torch.equal(weight[0], official["class_embed.0.weight"][1])
     assert torch.equal(weight[79], official["class_embed.0.weight"][90])
-    assert torch.equal(converted["class_embed.1.bias"][0], official["class_embed.1.bias"][1])
+    assert torch.equal(converted["heads.class_embed.0.bias"][0], official["class_embed.1.bias"][1])
+    # The head shared by the decoder layers is stored once.
+    assert "heads.class_embed.1.weight" not in converted
 
 
 def test_variant_is_detected_from_the_keys():

@@ -46,28 +46,32 @@ def test_backbone_stem_res2_and_bn_frozen():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
 
 
-def test_heads_initialized_as_official():
+def test_heads_initialized_as_official_and_owned_once():
     model = _model()
     prior_bias = -math.log((1 - 0.01) / 0.01)
-    assert torch.allclose(model.class_embed[0].bias, torch.full((3,), prior_bias))
-    last = model.bbox_embed[0].layers[-1]
-    assert len(model.bbox_embed[0].layers) == 3 and (last.weight == 0).all()
+    heads = model.heads
+    assert torch.allclose(heads.class_embed[0].bias, torch.full((3,), prior_bias))
+    last = heads.bbox_embed[0].layers[-1]
+    assert len(heads.bbox_embed[0].layers) == 3 and (last.weight == 0).all()
     assert torch.equal(last.bias, torch.tensor([0.0, 0.0, -2.0, -2.0]))
-    # Without refinement every decoder layer shares one head (as the official ModuleList).
-    assert model.class_embed[0] is model.class_embed[1]
-    assert model.bbox_embed[0] is model.bbox_embed[1]
+    # Without refinement every decoder layer shares one head, stored once.
+    assert len(heads.class_embed) == len(heads.bbox_embed) == 1
     assert model.query_embed.weight.shape == (12, 64)
 
     refine = _model("box_refine")
-    assert refine.bbox_embed[0] is not refine.bbox_embed[1]
-    assert refine.transformer.decoder.bbox_embed is refine.bbox_embed
-    assert "transformer.decoder.bbox_embed.1.layers.2.bias" in refine.state_dict()
+    assert len(refine.heads.bbox_embed) == 2  # one per decoder layer
+    assert torch.equal(refine.heads.bbox_embed[0].layers[-1].bias[2:], torch.tensor([-2.0, -2.0]))
+    assert (refine.heads.bbox_embed[1].layers[-1].bias == 0).all()
 
     two = _model("two_stage")
-    assert len(two.class_embed) == len(two.bbox_embed) == 3  # 2 decoder layers + encoder
-    assert two.transformer.decoder.class_embed is two.class_embed
-    assert all((b.layers[-1].bias == 0).all() for b in two.bbox_embed)
+    assert len(two.heads.class_embed) == len(two.heads.bbox_embed) == 3  # 2 layers + encoder
+    assert two.heads.encoder_head_index == 2
+    assert all((b.layers[-1].bias == 0).all() for b in two.heads.bbox_embed)
     assert not hasattr(two, "query_embed")
+    for variant_model in (model, refine, two):
+        names = list(variant_model.state_dict())
+        assert not any("decoder.class_embed" in n or "decoder.bbox_embed" in n for n in names)
+        assert not any(n.startswith(("class_embed", "bbox_embed")) for n in names)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -181,7 +185,7 @@ def test_two_stage_options_without_two_stage_are_an_error(key, value):
 
 
 def test_one_to_many_without_nms_warns(caplog):
-    with caplog.at_level("WARNING", logger="deformable_detr.modeling.deformable_detr"):
+    with caplog.at_level("WARNING", logger="deformable_detr.config"):
         _model(DECODER_MATCH_REPEATS=2, NMS_THRESH_TEST=0.6)
         assert "NMS_THRESH_TEST" not in caplog.text
         _model(DECODER_MATCH_REPEATS=2)
@@ -218,10 +222,7 @@ def test_image_without_annotations_trains():
 def test_bad_inputs_are_clear_errors():
     model = _model()
     model.train()
-    batch = _batch()
-    batch[0]["instances"].gt_classes[0] = 3
-    with pytest.raises(ValueError, match="NUM_CLASSES"):
-        model(batch)
+    # (A class id outside NUM_CLASSES is refused where the data enters: test_dataset_mapper.)
     with pytest.raises(ValueError, match="instances"):
         model([{"image": torch.rand(3, 32, 32)}])
     with pytest.raises(ValueError, match="with_box_refine"):

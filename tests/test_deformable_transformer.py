@@ -8,7 +8,13 @@ from deformable_detr.layers import MSDeformAttn
 from deformable_detr.modeling.deformable_transformer import (
     DeformableTransformer,
     DeformableTransformerEncoder,
-    inverse_sigmoid,
+    valid_ratio,
+)
+from deformable_detr.modeling.heads import PredictionHeads, inverse_sigmoid
+from deformable_detr.modeling.two_stage import (
+    encoder_proposals,
+    proposal_position_embedding,
+    select_proposals,
 )
 
 D = 32
@@ -65,9 +71,9 @@ def test_valid_ratio_and_encoder_reference_points():
     mask = torch.zeros(1, 4, 8, dtype=torch.bool)
     mask[:, 3:, :] = True
     mask[:, :, 6:] = True
-    ratio = DeformableTransformer.get_valid_ratio(mask)
+    ratio = valid_ratio(mask)
     assert torch.allclose(ratio, torch.tensor([[6 / 8, 3 / 4]]))
-    shapes = torch.tensor([[4, 8], [2, 4]])
+    shapes = [(4, 8), (2, 4)]
     valid = torch.stack([ratio, ratio], 1)
     ref = DeformableTransformerEncoder.get_reference_points(shapes, valid, "cpu")
     assert ref.shape == (1, 32 + 8, 2, 2)
@@ -79,92 +85,125 @@ def test_valid_ratio_and_encoder_reference_points():
 
 
 def test_encoder_output_proposals():
-    t = _transformer(two_stage=True)
-    shapes = torch.tensor([[4, 5], [2, 3]])
-    memory = torch.randn(2, 26, D)
+    shapes = [(4, 5), (2, 3)]
     mask = torch.zeros(2, 26, dtype=torch.bool)
     mask[1, :20].view(4, 5)[:, 3:] = True
-    output_memory, proposals = t.gen_encoder_output_proposals(memory, mask, shapes)
-    assert output_memory.shape == (2, 26, D) and proposals.shape == (2, 26, 4)
+    proposals, valid = encoder_proposals(mask, shapes)
+    assert proposals.shape == (2, 26, 4) and valid.shape == (2, 26, 1)
     # Level 0 pixel (y=1, x=2) of image 0: centre (2.5/5, 1.5/4), size 0.05, as logits.
     expected = inverse_sigmoid(torch.tensor([2.5 / 5, 1.5 / 4, 0.05, 0.05]))
     assert torch.allclose(proposals[0, 1 * 5 + 2], expected, atol=1e-5)
-    # Level 1 boxes are twice as large; padded positions get +inf.
+    # Level 1 boxes are twice as large; padded positions get +inf and are not valid.
     assert torch.allclose(proposals[0, 20, 2:].sigmoid(), torch.tensor([0.1, 0.1]))
     assert torch.isinf(proposals[1, 3]).all() and torch.isfinite(proposals[1, 2]).all()
+    assert not valid[1, 3] and valid[1, 2]
     # Image 1 has 3 valid columns at level 0: x normalized by 3, not 5.
     assert proposals[1, 2, 0].sigmoid().item() == pytest.approx(2.5 / 3, abs=1e-5)
 
 
 def test_proposal_pos_embed_is_sine_of_sigmoid():
-    t = _transformer(two_stage=True)
     proposals = torch.randn(2, 5, 4)
-    pos = t.get_proposal_pos_embed(proposals)
+    pos = proposal_position_embedding(proposals, D)
     assert pos.shape == (2, 5, 4 * D // 2)
     x = proposals[0, 0, 0].sigmoid() * 2 * math.pi
     assert pos[0, 0, 0].item() == pytest.approx(math.sin(x.item()), abs=1e-5)
     assert pos[0, 0, 1].item() == pytest.approx(math.cos(x.item()), abs=1e-5)
+    y = proposals[0, 0, 1].sigmoid() * 2 * math.pi  # the next coordinate's features follow
+    assert pos[0, 0, D // 2].item() == pytest.approx(math.sin(y.item()), abs=1e-5)
+
+
+def _heads(with_box_refine=False, two_stage=False, num_layers=3):
+    torch.manual_seed(1)
+    heads = PredictionHeads(D, 3, num_layers, with_box_refine, two_stage)
+    with torch.no_grad():  # untrained box heads predict no offset: randomize them
+        for parameter in heads.parameters():
+            parameter.normal_(0, 0.1)
+    return heads
+
+
+def _decoder_references(t, *args):
+    """Runs ``t(*args)``; returns its outputs and the reference points each decoder layer got."""
+    references = []
+    hooks = [
+        layer.cross_attn.register_forward_pre_hook(
+            lambda module, inputs: references.append(inputs[1])
+        )
+        for layer in t.decoder.layers
+    ]
+    try:
+        outputs = t(*args)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs, references
 
 
 def test_forward_shapes_one_stage():
     t = _transformer()
     query_embed = torch.randn(9, 2 * D)
-    hs, init_ref, inter_refs, enc_class, enc_coord = t(*_inputs(), query_embed)
-    assert hs.shape == (3, 2, 9, D)
-    assert init_ref.shape == (2, 9, 2) and inter_refs.shape == (3, 2, 9, 2)
-    assert ((init_ref > 0) & (init_ref < 1)).all()
-    assert enc_class is None and enc_coord is None
-    # Without box refinement the reference points stay those of the queries.
-    assert torch.equal(inter_refs[-1], init_ref)
+    outputs, references = _decoder_references(t, *_inputs(), _heads(), query_embed)
+    assert outputs["pred_logits"].shape == (3, 2, 9, 3)
+    assert outputs["pred_boxes"].shape == (3, 2, 9, 4) and "enc_outputs" not in outputs
+    assert ((outputs["pred_boxes"] > 0) & (outputs["pred_boxes"] < 1)).all()
+    # Without box refinement every layer gets the queries' reference points.
+    assert references[0].shape == (2, 9, 2, 2)
+    assert all(torch.equal(r, references[0]) for r in references)
     with pytest.raises(ValueError, match="query_embed"):
-        t(*_inputs())
+        t(*_inputs(), _heads())
 
 
-def test_forward_box_refinement_updates_detached_references():
+def test_forward_box_refinement_feeds_each_layers_detached_boxes_to_the_next():
     t = _transformer()
-    heads = nn.ModuleList(nn.Linear(D, 4) for _ in range(3))
-    t.decoder.bbox_embed = heads
-    hs, init_ref, inter_refs, _, _ = t(*_inputs(), torch.randn(9, 2 * D))
-    assert inter_refs.shape == (3, 2, 9, 4)
-    assert not inter_refs.requires_grad
-    expected = torch.cat([heads[0](hs[0])[..., :2] + inverse_sigmoid(init_ref),
-                          heads[0](hs[0])[..., 2:]], -1).sigmoid()
-    assert torch.allclose(inter_refs[0], expected, atol=1e-6)
+    heads = _heads(with_box_refine=True)
+    outputs, references = _decoder_references(t, *_inputs(), heads, torch.randn(9, 2 * D))
+    valid_ratios = torch.stack([valid_ratio(m) for m in _inputs()[1]], 1).repeat(1, 1, 2)
+    for layer in (1, 2):
+        assert references[layer].shape == (2, 9, 2, 4) and not references[layer].requires_grad
+        expected = outputs["pred_boxes"][layer - 1][:, :, None] * valid_ratios[:, None]
+        torch.testing.assert_close(references[layer], expected, rtol=0, atol=0)
+    # The next layer's loss does not train this layer's box head (official detach).
+    outputs["pred_boxes"][2].sum().backward()
+    previous_grad = heads.bbox_embed[1].layers[0].weight.grad  # zeros from the stack, or None
+    assert previous_grad is None or not previous_grad.any()
+    assert heads.bbox_embed[2].layers[0].weight.grad.abs().sum() > 0
 
 
-def test_forward_two_stage():
+def test_forward_two_stage_queries_start_on_the_top_proposals():
     t = _transformer(two_stage=True)
-    t.decoder.class_embed = nn.ModuleList(nn.Linear(D, 3) for _ in range(4))
-    t.decoder.bbox_embed = nn.ModuleList(nn.Linear(D, 4) for _ in range(4))
-    hs, init_ref, inter_refs, enc_class, enc_coord = t(*_inputs())
-    assert hs.shape == (3, 2, 7, D)
-    assert init_ref.shape == (2, 7, 4) and inter_refs.shape == (3, 2, 7, 4)
-    assert enc_class.shape == (2, 80 + 20, 3) and enc_coord.shape == (2, 100, 4)
-    # The queries start from the top-scoring encoder proposals.
-    top = enc_class[0, :, 0].topk(7).indices
-    assert torch.allclose(init_ref[0], enc_coord[0, top].sigmoid())
+    heads = _heads(with_box_refine=True, two_stage=True)
+    outputs, references = _decoder_references(t, *_inputs(), heads)
+    assert outputs["pred_logits"].shape == (3, 2, 7, 3)
+    encoder = outputs["enc_outputs"]
+    assert encoder["pred_logits"].shape == (2, 80 + 20, 3)
+    assert encoder["pred_boxes"].shape == (2, 100, 4)
+    # The queries start from the top-scoring encoder proposals, scored by the encoder head.
+    top = encoder["pred_logits"][0, :, 0].topk(7).indices
+    first = references[0][0, :, 0] / torch.cat([valid_ratio(_inputs()[1][0])[0]] * 2)
+    torch.testing.assert_close(first, encoder["pred_boxes"][0, top], rtol=1e-6, atol=1e-6)
+    assert heads.encoder_head_index == 3
 
 
 def test_distinct_topk_proposals_suppress_overlaps_then_fill():
-    from deformable_detr.modeling.deformable_transformer import inverse_sigmoid
-
-    t = DeformableTransformer(d_model=D, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
-                              dim_feedforward=64, num_feature_levels=2, two_stage=True,
-                              two_stage_num_proposals=7, two_stage_proposal_nms_thresh=0.5)
     # Proposals 0-2 overlap heavily (IoU > 0.5), 3 is apart, 4 overlaps 3 by less than 0.5.
     boxes = torch.tensor([[[0.30, 0.30, 0.2, 0.2], [0.31, 0.30, 0.2, 0.2], [0.30, 0.31, 0.2, 0.2],
                            [0.70, 0.70, 0.2, 0.2], [0.80, 0.70, 0.2, 0.2]]])
     scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5]])
     coords = inverse_sigmoid(boxes)
-    assert t.distinct_topk_proposals(scores, coords, 3).tolist() == [[0, 3, 4]]
+    assert select_proposals(scores, coords, 3, 0.5).tolist() == [[0, 3, 4]]
     # Fewer than k distinct ones: the best suppressed proposals fill the remaining slots.
-    assert t.distinct_topk_proposals(scores, coords, 5).tolist() == [[0, 3, 4, 1, 2]]
+    assert select_proposals(scores, coords, 5, 0.5).tolist() == [[0, 3, 4, 1, 2]]
+    assert select_proposals(scores, coords, 3).tolist() == [[0, 1, 2]]  # plain top-k
 
-    t.decoder.class_embed = nn.ModuleList(nn.Linear(D, 3) for _ in range(2))
-    t.decoder.bbox_embed = nn.ModuleList(nn.Linear(D, 4) for _ in range(2))
-    hs, init_ref, _, enc_class, enc_coord = t(*_inputs())
-    top = t.distinct_topk_proposals(enc_class[..., 0], enc_coord, 7)
-    assert torch.allclose(init_ref, torch.stack([c[i] for c, i in zip(enc_coord, top)]).sigmoid())
+    t = DeformableTransformer(d_model=D, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
+                              dim_feedforward=64, num_feature_levels=2, two_stage=True,
+                              two_stage_num_proposals=7, two_stage_proposal_nms_thresh=0.5)
+    heads = _heads(with_box_refine=True, two_stage=True, num_layers=1)
+    outputs, references = _decoder_references(t, *_inputs(pad_right_of_image1=False), heads)
+    encoder = outputs["enc_outputs"]
+    top = select_proposals(encoder["pred_logits"][..., 0], inverse_sigmoid(encoder["pred_boxes"]),
+                           7, 0.5)
+    expected = torch.stack([b[i] for b, i in zip(encoder["pred_boxes"], top)])
+    torch.testing.assert_close(references[0][:, :, 0], expected, rtol=1e-5, atol=1e-5)
 
     with pytest.raises(ValueError, match="TWO_STAGE_PROPOSAL_NMS_THRESH"):
         DeformableTransformer(two_stage=True, two_stage_proposal_nms_thresh=0.0)

@@ -5,13 +5,14 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from tiny_deformable_detr import tiny_cfg
-from tiny_training import coco_spec, import_train_net, tiny_train_cfg
+from tiny_training import coco_spec, tiny_train_cfg
 
 from deformable_detr.checkpoint import AtomicDetectionCheckpointer
 from deformable_detr.data.user_coco import register_user_coco
 from deformable_detr.engine import (
     FiniteLossAMPTrainer,
     FiniteLossSimpleTrainer,
+    Trainer,
     build_train_loop,
     check_losses_finite,
 )
@@ -30,7 +31,7 @@ def tiny_dataset(tmp_path_factory):
 
 def _trainer(cfg):
     torch.manual_seed(0)
-    trainer = import_train_net().Trainer(cfg)
+    trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     return trainer
 

@@ -10,7 +10,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import deformable_detr  # noqa: F401  (registers the backbone)
-from deformable_detr.checkpoint_conversion import torchvision_resnet_to_detectron2
+from deformable_detr.checkpoint import torchvision_resnet_to_detectron2
 
 
 def _cfg(name, res5_dilation):

@@ -9,14 +9,13 @@ import torch
 from detectron2.modeling import build_model
 from tiny_deformable_detr import REPO, VARIANTS, tiny_cfg, write_coco_dataset
 
-sys.path.insert(0, str(REPO))
-import train_net  # noqa: E402
+from deformable_detr.solver import build_optimizer
 
 
 def test_optimizer_param_groups_and_full_model_clipping():
     cfg = tiny_cfg("two_stage")
     model = build_model(cfg)
-    optimizer = train_net.Trainer.build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model)
     assert isinstance(optimizer, torch.optim.AdamW)
     lrs = sorted(g["lr"] for g in optimizer.param_groups)
     assert lrs == pytest.approx([2e-5, 2e-5, 2e-4])

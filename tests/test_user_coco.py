@@ -1,9 +1,11 @@
 import json
+import logging
 
 import pytest
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
+from PIL import Image
 
 from deformable_detr.config import add_deformable_detr_config
 from deformable_detr.data.user_coco import (
@@ -12,6 +14,7 @@ from deformable_detr.data.user_coco import (
     register_user_coco,
     setup_user_coco,
 )
+from deformable_detr.errors import UserInputError
 
 
 @pytest.fixture
@@ -29,6 +32,7 @@ def coco_spec(tmp_path):
     }
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(ann))
+    Image.new("RGB", (30, 20)).save(images / "a.jpg")
     return f"{path}:{images}"
 
 
@@ -53,9 +57,9 @@ def test_registers_and_sets_config(coco_spec):
 def test_bad_specs(tmp_path, coco_spec):
     with pytest.raises(ValueError, match="annotations.json:image_dir"):
         register_user_coco("x", "ann.json", 1)
-    with pytest.raises(FileNotFoundError, match="annotation file"):
+    with pytest.raises(UserInputError, match="annotation file"):
         register_user_coco("x", f"{tmp_path}/nope.json:{tmp_path}", 1)
-    with pytest.raises(FileNotFoundError, match="image folder"):
+    with pytest.raises(UserInputError, match="image folder"):
         register_user_coco("x", coco_spec.split(":")[0] + f":{tmp_path}/nope", 3)
 
 
@@ -74,3 +78,34 @@ def test_command_line_flags(coco_spec):
     setup_user_coco(cfg, args)
     assert cfg.DATASETS.COCO_TRAIN == [coco_spec]
     assert (cfg.DATASETS.TRAIN, cfg.DATASETS.TEST) == (("coco_user_train_0",), ("coco_user_val_0",))
+
+
+def test_truncated_annotation_file_names_the_file_line_and_column(coco_spec):
+    json_file = coco_spec.rpartition(":")[0]
+    text = open(json_file).read()
+    with open(json_file, "w") as f:
+        f.write(text[: len(text) // 2])
+    message = rf"{json_file}.* not valid JSON: .* line 1, column \d+"
+    with pytest.raises(UserInputError, match=message):
+        register_user_coco("coco_user_truncated", coco_spec, 3)
+
+
+def test_image_folder_without_the_listed_images_is_an_error_naming_both(coco_spec, tmp_path):
+    json_file = coco_spec.rpartition(":")[0]
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    with pytest.raises(UserInputError, match=rf"None of the 1 images listed in '{json_file}' .*"
+                                             rf"'{wrong}'.*a\.jpg"):
+        register_user_coco("coco_user_wrong", f"{json_file}:{wrong}", 3)
+
+
+def test_some_missing_images_are_one_warning_with_their_count(coco_spec, caplog):
+    json_file, _, image_root = coco_spec.rpartition(":")
+    coco = json.load(open(json_file))
+    coco["images"] += [{"id": i, "file_name": f"gone{i}.jpg", "height": 20, "width": 30}
+                       for i in (2, 3)]
+    json.dump(coco, open(json_file, "w"))
+    with caplog.at_level(logging.WARNING):
+        register_user_coco("coco_user_partial", coco_spec, 3)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "2 of the 3 images" in warnings[0]

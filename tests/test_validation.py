@@ -153,16 +153,17 @@ def test_check_dataset_tool_reports_every_problem_of_a_coco_file(tmp_path, capsy
 @pytest.mark.slow
 def test_training_on_a_messy_dataset_runs_to_the_end_with_warnings(tmp_path, caplog):
     from detectron2.data import DatasetCatalog, MetadataCatalog
-    from tiny_training import import_train_net, tiny_train_cfg, write_messy_coco
+    from tiny_training import tiny_train_cfg, write_messy_coco
 
     from deformable_detr.data.user_coco import register_user_coco
+    from deformable_detr.engine import Trainer
 
     register_user_coco("robust_messy_train", write_messy_coco(tmp_path / "data"), 3)
     try:
         cfg = tiny_train_cfg(tmp_path / "out", ["robust_messy_train"], max_iter=8, batch=4)
         cfg.INPUT.DETR_CROP.ENABLED = False
         with caplog.at_level(logging.WARNING):
-            trainer = import_train_net().Trainer(cfg)
+            trainer = Trainer(cfg)
             trainer.resume_or_load(resume=False)
             trainer.train()
     finally:

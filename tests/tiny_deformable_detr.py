@@ -1,6 +1,7 @@
 """Tiny Deformable DETR configs and synthetic data shared by the model tests (CPU, seconds)."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +107,16 @@ def write_coco_dataset(root: Path, num_images=4, seed=0):
         {"images": images, "annotations": annotations, "categories": categories}
     ))
     return json_path, image_dir
+
+
+def official_head_keys(key, cfg):
+    """The official names of the plugin's head parameter ``key`` (``class_embed.i.weight``): one
+    per decoder layer for a shared head, and again under ``transformer.decoder`` for the heads
+    the official decoder holds (every box head with refinement, class heads with two-stage)."""
+    dd = cfg.MODEL.DEFORMABLE_DETR
+    kind, index, rest = re.match(r"^(class|bbox)_embed\.(\d+)\.(.+)$", key).groups()
+    indices = [int(index)] if dd.WITH_BOX_REFINE else range(dd.DEC_LAYERS)
+    keys = [f"{kind}_embed.{i}.{rest}" for i in indices]
+    if (kind == "bbox" and dd.WITH_BOX_REFINE) or (kind == "class" and dd.TWO_STAGE):
+        keys += ["transformer.decoder." + k for k in keys]
+    return keys

@@ -94,12 +94,3 @@ def run_train_net(args, log_file):
         [PYTHON, str(TRAIN_NET), *args], cwd=REPO, env=env, stdout=log_file,
         stderr=subprocess.STDOUT,
     )
-
-
-def import_train_net():
-    """The ``train_net`` module of the repository root (its ``Trainer`` and ``setup``)."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    import train_net
-
-    return train_net

@@ -20,7 +20,7 @@ try:
     from detectron2.config import get_cfg
 
     import deformable_detr.modeling  # noqa: F401  (registers the DeformableDETR meta-architecture)
-    from deformable_detr.checkpoint_conversion import (
+    from deformable_detr.checkpoint import (
         CheckpointConversionError,
         convert_state_dict,
         load_source_state_dict,

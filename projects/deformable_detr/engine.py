@@ -1,30 +1,40 @@
-"""The training loop pieces that make long runs survive: DDP on CPU or GPU, mixed precision,
-a stop at the first non-finite loss, and checkpoints written atomically.
-
-``RobustTrainer`` is Detectron2's ``DefaultTrainer`` with these pieces put in; ``train_net.py``'s
-``Trainer`` derives from it and overrides only the ``build_*`` methods.
+"""The trainer of Deformable DETR: Detectron2's ``DefaultTrainer`` with the DETR data mapper, COCO
+evaluation, the official optimizer, and the pieces that make long runs survive: DDP on CPU or GPU,
+mixed precision, a stop at the first non-finite loss, and checkpoints written atomically.
 """
 
 import logging
+import os
 import weakref
 from typing import Dict
 
 import torch
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.config import get_cfg
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_setup
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
+from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import AtomicDetectionCheckpointer
+from .config import add_deformable_detr_config
+from .data.dataset_mapper import DetrDatasetMapper
+from .data.user_coco import setup_user_coco
+from .data.validation import training_dataset_dicts
+from .errors import UserInputError
+from .solver import build_optimizer
 
 __all__ = [
     "AMP_PRECISIONS",
     "FiniteLossAMPTrainer",
     "FiniteLossSimpleTrainer",
-    "RobustTrainer",
+    "Trainer",
     "build_train_loop",
     "check_losses_finite",
     "create_ddp_model",
+    "load_config",
+    "setup",
 ]
 
 AMP_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -98,15 +108,17 @@ def build_train_loop(cfg, model, data_loader, optimizer) -> SimpleTrainer:
     )
 
 
-class RobustTrainer(DefaultTrainer):
+class Trainer(DefaultTrainer):
     """
-    ``DefaultTrainer`` with DDP that also works on CPU (Gloo), the train loop of
+    ``DefaultTrainer`` with the DETR data mapper (validated training data), COCO evaluation, the
+    optimizer of :mod:`.solver`, DDP that also works on CPU (Gloo), the train loop of
     :func:`build_train_loop` and an :class:`AtomicDetectionCheckpointer`, whose ``--resume``
     falls back to the previous complete checkpoint when the last one cannot be read.
     """
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__ hard-codes the DDP, loop and checkpointer replaced here.
+        # DefaultTrainer.__init__ hard-codes the DDP, loop and checkpointer replaced here, and
+        # has no hook for them.
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
@@ -127,3 +139,55 @@ class RobustTrainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(
+            cfg, mapper=DetrDatasetMapper(cfg, True), dataset=training_dataset_dicts(cfg)
+        )
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=DetrDatasetMapper(cfg, False))
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+
+def load_config(config_file: str, opts=()):
+    """The config of ``config_file`` with the ``opts`` overrides (KEY VALUE ...); a missing file,
+    an unknown key or missing ``MODEL.WEIGHTS`` is a :class:`UserInputError` naming it."""
+    if not os.path.isfile(config_file):
+        raise UserInputError(f"config file {config_file!r} does not exist")
+    cfg = get_cfg()
+    add_deformable_detr_config(cfg)
+    for source, merge, argument in (
+        (f"config file {config_file!r}", cfg.merge_from_file, config_file),
+        ("the command line", cfg.merge_from_list, list(opts)),
+    ):
+        try:
+            merge(argument)
+        # yacs: KeyError (file) or AssertionError (list) for an unknown key, ValueError for a
+        # value of the wrong type or an odd number of KEY VALUE items.
+        except (KeyError, AssertionError, ValueError) as error:
+            raise UserInputError(f"{source}: {error.args[0] if error.args else error}") from None
+    weights = cfg.MODEL.WEIGHTS
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        raise UserInputError(f"MODEL.WEIGHTS {weights!r} does not exist")
+    return cfg
+
+
+def setup(args):
+    """The config of a ``train_net.py``-style command line (``--config-file``, the user COCO
+    flags, ``opts``), frozen, after Detectron2's ``default_setup`` (logging, output folder)."""
+    cfg = load_config(args.config_file, args.opts)
+    setup_user_coco(cfg, args)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg

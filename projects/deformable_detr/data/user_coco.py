@@ -7,15 +7,22 @@ MODEL.DEFORMABLE_DETR.NUM_CLASSES N`` (or the config keys ``DATASETS.COCO_TRAIN`
 into ``DATASETS.TRAIN`` / ``DATASETS.TEST``.
 """
 import json
+import logging
 import os
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
+from ..errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "parse_coco_spec",
+    "read_coco_json",
     "coco_category_names",
+    "check_images_present",
     "register_user_coco",
     "apply_user_coco",
     "add_user_coco_arguments",
@@ -27,22 +34,55 @@ def parse_coco_spec(spec: str) -> Tuple[str, str]:
     """Split ``"ann.json:image_dir"`` into (json_file, image_root) and check both exist."""
     json_file, sep, image_root = spec.rpartition(":")
     if not sep or not json_file or not image_root:
-        raise ValueError(f"A COCO dataset is given as 'annotations.json:image_dir', got {spec!r}")
+        raise UserInputError(
+            f"A COCO dataset is given as 'annotations.json:image_dir', got {spec!r}"
+        )
     if not os.path.isfile(json_file):
-        raise FileNotFoundError(f"COCO annotation file {json_file!r} (from {spec!r}) not found")
+        raise UserInputError(f"COCO annotation file {json_file!r} (from {spec!r}) not found")
     if not os.path.isdir(image_root):
-        raise FileNotFoundError(f"COCO image folder {image_root!r} (from {spec!r}) not found")
+        raise UserInputError(f"COCO image folder {image_root!r} (from {spec!r}) not found")
     return json_file, image_root
 
 
-def coco_category_names(json_file: str) -> List[str]:
-    """Category names of a COCO annotation file in the order of their ids (Detectron2's
+def read_coco_json(json_file: str) -> Dict:
+    """The parsed annotation file; a file that is not JSON (e.g. truncated) is a
+    :class:`UserInputError` naming the file, line and column."""
+    try:
+        with open(json_file) as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise UserInputError(
+            f"COCO annotation file {json_file!r} is not valid JSON: {error.msg} at line "
+            f"{error.lineno}, column {error.colno} (is it truncated?)"
+        ) from None
+
+
+def coco_category_names(coco: Dict, json_file: str) -> List[str]:
+    """Category names of a parsed COCO annotation file in the order of their ids (Detectron2's
     contiguous class ids)."""
-    with open(json_file) as f:
-        categories = json.load(f).get("categories")
+    categories = coco.get("categories")
     if not categories:
-        raise ValueError(f"COCO annotation file {json_file!r} has no 'categories'")
+        raise UserInputError(f"COCO annotation file {json_file!r} has no 'categories'")
     return [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
+
+
+def check_images_present(coco: Dict, json_file: str, image_root: str) -> None:
+    """Before training: none of the listed images in ``image_root`` (most often the wrong folder)
+    is an error naming the folder, the file and the first missing image; some missing is one
+    warning with their count (they are skipped)."""
+    listed = [image["file_name"] for image in coco.get("images", [])]
+    missing = [name for name in listed if not os.path.isfile(os.path.join(image_root, name))]
+    if listed and len(missing) == len(listed):
+        raise UserInputError(
+            f"None of the {len(listed)} images listed in {json_file!r} is in the image folder "
+            f"{image_root!r} (the first one: {os.path.join(image_root, missing[0])!r}); "
+            "is it the right folder?"
+        )
+    if missing:
+        logger.warning(
+            f"{len(missing)} of the {len(listed)} images listed in {json_file!r} are not in "
+            f"{image_root!r} (the first one: {missing[0]!r}); they are skipped"
+        )
 
 
 def register_user_coco(
@@ -52,9 +92,11 @@ def register_user_coco(
     has ``num_classes`` categories; returns the category names. A name registered before is
     replaced, so calling this twice with the same name is safe."""
     json_file, image_root = parse_coco_spec(spec)
-    names = coco_category_names(json_file)
+    coco = read_coco_json(json_file)
+    names = coco_category_names(coco, json_file)
+    check_images_present(coco, json_file, image_root)
     if len(names) != num_classes:
-        raise ValueError(
+        raise UserInputError(
             f"{json_file} has {len(names)} categories {names}, but {num_classes_key} is "
             f"{num_classes}: add `{num_classes_key} {len(names)}` to the command line"
         )
@@ -85,7 +127,7 @@ def apply_user_coco(
             registered.append(name)
         setattr(cfg.DATASETS, key, tuple(registered))
     if len({tuple(names) for names in names_seen.values()}) > 1:
-        raise ValueError(f"The COCO files list different categories: {names_seen}")
+        raise UserInputError(f"The COCO files list different categories: {names_seen}")
 
 
 def add_user_coco_arguments(parser):

@@ -59,22 +59,31 @@ def _read_problem(file_name):
     return None
 
 
+def _xyxy_if_has_area(annotation):
+    """The annotation's box as XYXY_ABS, or None when it is not finite or has no area."""
+    x0, y0, x1, y1 = BoxMode.convert(
+        list(annotation["bbox"]), annotation["bbox_mode"], BoxMode.XYXY_ABS
+    )
+    if np.isfinite([x0, y0, x1, y1]).all() and x1 > x0 and y1 > y0:
+        return x0, y0, x1, y1
+    return None
+
+
 def _box_problems(record, num_classes):
     problems = []
     height, width = record.get("height"), record.get("width")
     for index, annotation in enumerate(record.get("annotations", [])):
-        x0, y0, x1, y1 = BoxMode.convert(
-            list(annotation["bbox"]), annotation["bbox_mode"], BoxMode.XYXY_ABS
-        )
+        box = _xyxy_if_has_area(annotation)
         where = f"annotation {index} (box {[round(float(v), 1) for v in annotation['bbox']]})"
         category = annotation.get("category_id")
         if num_classes is not None and not 0 <= category < num_classes:
             problems.append(
                 (f"{where} has class id {category}, outside [0, {num_classes})", "error")
             )
-        if not (np.isfinite([x0, y0, x1, y1]).all() and x1 > x0 and y1 > y0):
+        if box is None:
             problems.append((f"{where} has no area (negative or zero width/height)", "drop box"))
         elif width and height:
+            x0, y0, x1, y1 = box
             inside_w, inside_h = min(x1, width) - max(x0, 0), min(y1, height) - max(y0, 0)
             if inside_w <= 0 or inside_h <= 0:
                 problems.append((f"{where} lies outside the {width}x{height} image", "drop box"))
@@ -167,11 +176,7 @@ def drop_degenerate_boxes(annotations, file_name):
     box transforms with the corners swapped, as a valid box)."""
     kept, dropped = [], []
     for annotation in annotations:
-        x0, y0, x1, y1 = BoxMode.convert(
-            list(annotation["bbox"]), annotation["bbox_mode"], BoxMode.XYXY_ABS
-        )
-        ok = np.isfinite([x0, y0, x1, y1]).all() and x1 > x0 and y1 > y0
-        (kept if ok else dropped).append(annotation)
+        (kept if _xyxy_if_has_area(annotation) else dropped).append(annotation)
     if dropped:
         boxes = [list(annotation["bbox"]) for annotation in dropped]
         log_first_n(

@@ -7,7 +7,8 @@ from .backbone import (
 )
 from .criterion import SetCriterion
 from .deformable_detr import DeformableDETR
-from .deformable_transformer import DeformableTransformer, inverse_sigmoid
+from .deformable_transformer import DeformableTransformer
+from .heads import MLP, PredictionHeads, inverse_sigmoid, refine_boxes
 from .matcher import HungarianMatcher
 from .neck import DEFORMABLE_DETR_NECK_REGISTRY, ChannelMapperNeck, build_neck
 from .position_encoding import PositionEmbeddingSine
@@ -19,12 +20,15 @@ __all__ = [
     "DeformableDETR",
     "DeformableTransformer",
     "HungarianMatcher",
+    "MLP",
     "MobileNetV2Backbone",
     "PositionEmbeddingSine",
+    "PredictionHeads",
     "SetCriterion",
     "build_mobilenet_v2_backbone",
     "build_neck",
     "build_torchvision_resnet_backbone",
     "inverse_sigmoid",
+    "refine_boxes",
     "select_detections",
 ]

@@ -1,40 +1,21 @@
 """The Deformable DETR meta-architecture (Zhu et al., ICLR 2021) for Detectron2."""
 
-import copy
-import logging
-import math
 from typing import Dict, List, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, detector_postprocess
 from detectron2.structures import ImageList, Instances
 from torch import nn
 from torchvision.ops import box_convert
 
+from ..config import check_deformable_detr_config
 from .criterion import SetCriterion
-from .deformable_transformer import DeformableTransformer, inverse_sigmoid
+from .deformable_transformer import DeformableTransformer
+from .heads import PredictionHeads
 from .matcher import HungarianMatcher
 from .neck import build_neck
 from .postprocessing import select_detections
-
-logger = logging.getLogger(__name__)
-
-
-class MLP(nn.Module):
-    """``num_layers`` linear layers with ReLU between them (official ``MLP``)."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        outs = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims, outs))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers[:-1]:
-            x = F.relu(layer(x))
-        return self.layers[-1](x)
 
 
 @META_ARCH_REGISTRY.register()
@@ -85,25 +66,9 @@ class DeformableDETR(nn.Module):
                 suppressed at inference; 1.0 (the paper) keeps every set prediction.
         """
         super().__init__()
-        if not 0.0 < nms_thresh_test <= 1.0:
-            raise ValueError(
-                f"MODEL.DEFORMABLE_DETR.NMS_THRESH_TEST must be in (0, 1], got {nms_thresh_test}"
-            )
-        if criterion.decoder_match_repeats > 1 and nms_thresh_test == 1.0:
-            logger.warning(
-                "DECODER_MATCH_REPEATS > 1 trains the model to predict every object several "
-                "times; set MODEL.DEFORMABLE_DETR.NMS_THRESH_TEST < 1 to remove the duplicates"
-            )
         if two_stage and not with_box_refine:
-            # The transformer reads its proposal box head from decoder.bbox_embed (set by refine).
+            # Official: the encoder proposals need a head of their own, which only refine has.
             raise ValueError("two_stage=True requires with_box_refine=True (as the official code)")
-        if not two_stage and (
-            criterion.encoder_match_repeats > 1 or transformer.two_stage_proposal_nms_thresh < 1.0
-        ):
-            raise ValueError(
-                "ENCODER_MATCH_REPEATS and TWO_STAGE_PROPOSAL_NMS_THRESH act on the two-stage "
-                "encoder proposals: set MODEL.DEFORMABLE_DETR.TWO_STAGE True or leave them at 1"
-            )
         if two_stage != transformer.two_stage:
             raise ValueError(
                 f"two_stage ({two_stage}) must match transformer.two_stage "
@@ -123,39 +88,16 @@ class DeformableDETR(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
-        hidden_dim = transformer.d_model
-        class_embed = nn.Linear(hidden_dim, num_classes)
-        bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.heads = PredictionHeads(
+            transformer.d_model, num_classes, transformer.decoder.num_layers, with_box_refine,
+            two_stage,
+        )
         if not two_stage:
-            self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
-
-        # Focal-loss prior: every class starts at probability 0.01.
-        prior_prob = 0.01
-        nn.init.constant_(class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
-        nn.init.constant_(bbox_embed.layers[-1].weight, 0)
-        nn.init.constant_(bbox_embed.layers[-1].bias, 0)
-
-        # Two-stage adds one class/box head for the encoder proposals, after the decoder's.
-        num_decoder_layers = transformer.decoder.num_layers
-        num_pred = num_decoder_layers + 1 if two_stage else num_decoder_layers
-        if with_box_refine:
-            self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_pred))
-            self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_pred))
-            # Small initial boxes (sigmoid(-2) ~ 0.12); official sets it on the first head only.
-            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
-            self.transformer.decoder.bbox_embed = self.bbox_embed
-        else:
-            nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
-            self.class_embed = nn.ModuleList(class_embed for _ in range(num_pred))
-            self.bbox_embed = nn.ModuleList(bbox_embed for _ in range(num_pred))
-        if two_stage:
-            self.transformer.decoder.class_embed = self.class_embed
-            # Box sizes come from the proposals, so the heads start without a size offset.
-            for box_embed in self.bbox_embed:
-                nn.init.constant_(box_embed.layers[-1].bias[2:], 0.0)
+            self.query_embed = nn.Embedding(num_queries, transformer.d_model * 2)
 
     @classmethod
     def from_config(cls, cfg):
+        check_deformable_detr_config(cfg)
         dd = cfg.MODEL.DEFORMABLE_DETR
         backbone = build_backbone(cfg)
         neck = build_neck(cfg, backbone.output_shape())
@@ -259,29 +201,7 @@ class DeformableDETR(nn.Module):
         """
         srcs, masks, pos = self.neck(self.backbone(images), padding_mask)
         query_embed = None if self.two_stage else self.query_embed.weight
-        hs, init_reference, inter_references, enc_class, enc_coord_unact = self.transformer(
-            srcs, masks, pos, query_embed
-        )
-
-        outputs_classes, outputs_coords = [], []
-        for lvl in range(hs.shape[0]):
-            reference = init_reference if lvl == 0 else inter_references[lvl - 1]
-            reference = inverse_sigmoid(reference)
-            delta = self.bbox_embed[lvl](hs[lvl])
-            if reference.shape[-1] == 4:
-                coord = delta + reference
-            else:
-                coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
-            outputs_classes.append(self.class_embed[lvl](hs[lvl]))
-            outputs_coords.append(coord.sigmoid())
-
-        raw = {
-            "pred_logits": torch.stack(outputs_classes),
-            "pred_boxes": torch.stack(outputs_coords),
-        }
-        if self.two_stage:
-            raw["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid()}
-        return raw
+        return self.transformer(srcs, masks, pos, self.heads, query_embed)
 
     def forward(self, batched_inputs: List[Dict]):
         """
@@ -322,15 +242,11 @@ class DeformableDETR(nn.Module):
     def prepare_targets(
         self, gt_instances: List[Instances], image_sizes: List[Tuple[int, int]]
     ) -> List[Dict[str, torch.Tensor]]:
-        """Instances with XYXY absolute ``gt_boxes`` -> dicts of labels and normalized cxcywh."""
+        """Instances with XYXY absolute ``gt_boxes`` -> dicts of labels and normalized cxcywh.
+        Class ids are checked where the data enters (the dataset mapper and validation)."""
         targets = []
         for instances, (h, w) in zip(gt_instances, image_sizes):
             labels = instances.gt_classes
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(
-                    f"gt_classes must be in [0, {self.num_classes}) "
-                    f"(MODEL.DEFORMABLE_DETR.NUM_CLASSES), got {labels.unique().tolist()}"
-                )
             scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
             boxes = box_convert(instances.gt_boxes.tensor / scale, "xyxy", "cxcywh")
             targets.append({"labels": labels, "boxes": boxes})

