@@ -68,3 +68,26 @@ def test_training_losses_must_be_finite_and_go_down(gpu_check, losses, problem):
     else:
         with pytest.raises(gpu_check.StepFailed, match=problem):
             gpu_check.check_losses(losses, "AMP float16")
+
+
+R50_HF = (
+    "# R50 multi-scale: plugin (compiled op) vs HF: max abs diff of the last decoder layer's "
+    "logits {}, boxes 5.96e-08\n"
+)
+
+
+@pytest.mark.parametrize(
+    "output, problem",
+    [
+        (R50_HF.format("8.94e-07"), None),
+        (R50_HF.format("3.00e-02"), "R50 multi-scale differs from HF: logits 3.00e-02"),
+        (R50_HF.format("nan"), "logits nan"),
+        ("# demo MobileNetV2: no HF peer\n", "no comparison with the HF peer"),
+    ],
+)
+def test_inference_outputs_must_agree_with_the_peers(gpu_check, output, problem):
+    if problem is None:
+        gpu_check.check_inference_diffs(output, "fp32")
+    else:
+        with pytest.raises(gpu_check.StepFailed, match=problem):
+            gpu_check.check_inference_diffs(output, "fp32")

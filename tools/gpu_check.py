@@ -12,7 +12,8 @@ Steps, each a section of one Markdown report (``--output``, default
 3. op benchmark: ``benchmarks/ms_deform_attn.py`` on CUDA in float32, float16 and bfloat16
    (time and achieved memory bandwidth against the device's peak);
 4. inference: ``benchmarks/inference.py`` on CUDA in fp32, fp16 and bf16: R50 at 800x1333
-   against the HuggingFace peer (outputs compared), and the demo model;
+   against the HuggingFace peer, and the demo model; their outputs must agree within
+   ``INFERENCE_TOLERANCES``;
 5. AMP training: 50 iterations of the demo config in float16 and in bfloat16: every logged loss
    finite and the last below the first;
 6. NCCL: 20 iterations of the demo config in 2 processes when 2 GPUs exist.
@@ -106,6 +107,31 @@ def op_benchmark(args):
     return "\n\n".join(sections)
 
 
+# Largest max-abs differences of the last decoder layer's (logits, boxes) that inference may
+# show between the plugin and its peers (HF, the pure-PyTorch op), by autocast dtype.
+INFERENCE_TOLERANCES = {"fp32": (1e-3, 1e-3), "fp16": (1e-1, 2e-2), "bf16": (5e-1, 1e-1)}
+DIFF_LINE = re.compile(
+    r"# (?P<model>.+): plugin \(compiled op\) vs (?P<peer>.+): max abs diff of the last "
+    r"decoder layer's logits (?P<logits>\S+), boxes (?P<boxes>\S+)"
+)
+
+
+def check_inference_diffs(output, dtype):
+    """Raises StepFailed unless every compared pair agrees within INFERENCE_TOLERANCES."""
+    max_logits, max_boxes = INFERENCE_TOLERANCES[dtype]
+    matches = list(DIFF_LINE.finditer(output))
+    if not any(match["peer"] == "HF" for match in matches):
+        raise StepFailed(f"inference {dtype}: no comparison with the HF peer in its output")
+    for match in matches:
+        logits, boxes = float(match["logits"]), float(match["boxes"])
+        if not (logits <= max_logits and boxes <= max_boxes):  # NaN fails too
+            raise StepFailed(
+                f"inference {dtype}: {match['model']} differs from {match['peer']}: logits "
+                f"{logits:.2e} (at most {max_logits:.0e}), boxes {boxes:.2e} "
+                f"(at most {max_boxes:.0e})"
+            )
+
+
 def inference(args):
     sections = []
     for dtype in ("fp32", "fp16", "bf16"):
@@ -114,6 +140,7 @@ def inference(args):
              "--iters", "10"],
             timeout=300,
         )
+        check_inference_diffs(output, dtype)
         sections.append(f"{dtype}:\n\n" + fenced(output))
     return "\n\n".join(sections)
 
