@@ -310,6 +310,26 @@ def test_cuda_kernels_skip_levels_that_do_not_fit_in_value(backend):
     assert torch.all(grads[1][:, :, :, 1] == 0) and torch.all(grads[2][:, :, :, 1] == 0)
 
 
+@pytest.fixture
+def deterministic_algorithms():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_the_cuda_backward_is_flagged_nondeterministic(backend, deterministic_algorithms):
+    # the CUDA backward adds grad_value with atomicAdd; the CPU backward needs no atomics
+    inputs = make_inputs(1, 2, 4, [(3, 4)], 2, 2, 1.0, device=device_of(backend))
+    if backend == "cpu":
+        forward_backward(op_of(backend), inputs)
+    else:
+        message = "ms_deform_attn_backward_cuda does not have a deterministic implementation"
+        with pytest.raises(RuntimeError, match=message):
+            forward_backward(op_of(backend), inputs)
+
+
 def test_emulated_schedule_does_not_change_the_result():
     # Only grad_value is summed with atomics, in schedule order; everything else must be
     # bit-identical whatever order the blocks and threads run in.
