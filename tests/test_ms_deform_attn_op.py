@@ -398,18 +398,18 @@ def test_cpu_half_value_computes_in_float32():
     torch.testing.assert_close(output.float(), expected, rtol=1e-3, atol=1e-3)
 
 
-@requires_cpu_kernel
-def test_opcheck_registration():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_registration(backend):
     """Schema, autograd registration and fake kernels agree with the real kernels."""
+    device = device_of(backend)
     inputs = [
         t.requires_grad_(t.is_floating_point())
-        for t in make_inputs(1, 2, 4, [(3, 4), (2, 2)], 3, 2, 1.0)
+        for t in make_inputs(1, 2, 4, [(3, 4), (2, 2)], 3, 2, 1.0, device=device)
     ]
-    torch.library.opcheck(torch.ops.deformable_detr.ms_deform_attn_forward.default, tuple(inputs))
-    backward_inputs = tuple(t.detach() for t in inputs) + (torch.randn(1, 3, 8),)
-    torch.library.opcheck(
-        torch.ops.deformable_detr.ms_deform_attn_backward.default, backward_inputs
-    )
+    library = library_of(backend)
+    torch.library.opcheck(library.ms_deform_attn_forward.default, tuple(inputs))
+    backward_inputs = tuple(t.detach() for t in inputs) + (torch.randn(1, 3, 8, device=device),)
+    torch.library.opcheck(library.ms_deform_attn_backward.default, backward_inputs)
 
 
 class _AttentionBlock(torch.nn.Module):
