@@ -7,7 +7,7 @@ SETUP_INPUTS := tools/setup_env.sh setup.py pyproject.toml requirements/detectro
 DEMO_CONFIG ?= configs/demo/deformable_detr_mnv2_trees.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-cuda-asan gpu-check lint bench clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,19 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+# The emulated CUDA op and emulator tests under AddressSanitizer + UBSan. The runtime is preloaded
+# into Python (with libstdc++, where it finds __cxa_throw); -s, as a report ends the process
+# while pytest holds its output. Last result: benchmarks/README.md.
+test-cuda-asan: setup
+	DEFORMABLE_DETR_CUDA_EMULATOR_SANITIZE=1 ASAN_OPTIONS=detect_leaks=0 \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	$(PY) -m pytest -q -s -p no:cacheprovider tests/test_cuda_emulator.py \
+	tests/test_ms_deform_attn_op.py -k "emulated or emulator" $(PYTEST_ARGS)
+
+# Everything a lent GPU can check in one go (tools/gpu_check.py); skips the GPU parts without one.
+gpu-check: setup
+	$(PY) tools/gpu_check.py
 
 lint: setup
 	$(PY) -m ruff check .

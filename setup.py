@@ -17,6 +17,7 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
 DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;9.0+PTX"
+MIN_CUDA_ARCH = 6.0  # atomicAdd(double*) in the backward kernel
 
 
 def _cuda_requested():
@@ -27,14 +28,30 @@ def _cuda_requested():
     return nvcc is not None and shutil.which(nvcc) is not None
 
 
+def _check_cuda_archs(arch_list):
+    """Refuses ``TORCH_CUDA_ARCH_LIST`` entries below ``MIN_CUDA_ARCH`` (numeric ones only)."""
+    for arch in arch_list.replace(";", " ").split():
+        number = arch.split("+")[0]
+        if number.replace(".", "", 1).isdigit() and float(number) < MIN_CUDA_ARCH:
+            raise SystemExit(
+                f"TORCH_CUDA_ARCH_LIST={arch_list!r} has {arch}: the CUDA kernels need compute "
+                f"capability {MIN_CUDA_ARCH} or newer (atomicAdd on double). Drop it, or build "
+                "without CUDA with FORCE_CUDA=0."
+            )
+
+
 def _sources(pattern):
-    return sorted(glob.glob(os.path.join(CSRC, "**", pattern), recursive=True))
+    # csrc/testing/ is the tests' CPU emulation of CUDA (tests/cuda_emulation.py builds it)
+    testing = os.path.join(CSRC, "testing", "")
+    found = glob.glob(os.path.join(CSRC, "**", pattern), recursive=True)
+    return sorted(path for path in found if not path.startswith(testing))
 
 
 def _extension(with_cuda):
     cxx_flags = ["-O3", "-std=c++20"]  # torch 2.14's headers need C++20
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        _check_cuda_archs(os.environ["TORCH_CUDA_ARCH_LIST"])
         return CUDAExtension(
             "deformable_detr._C",
             sources=_sources("*.cpp") + _sources("*.cu"),

@@ -8,7 +8,7 @@ one per position) and the decoder (Lq = 300). Sampling locations are realistic r
 uniform: encoder queries sample around their own position, decoder queries around random
 reference points, with offsets of a few pixels, so memory access has the locality of the real
 model. Both implementations run through ``ms_deform_attn`` (validation included), chosen with
-``DEFORMABLE_DETR_MSDA_IMPL``.
+``use_implementation``.
 
 ``--quick`` uses a 4x smaller image and exits with status 1 if the compiled op is slower than
 the reference anywhere. On CUDA the table also gives the achieved memory bandwidth, counting

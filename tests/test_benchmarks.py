@@ -19,8 +19,6 @@ HAS_HF = all(importlib.util.find_spec(name) is not None for name in ("transforme
 @pytest.fixture(autouse=True)
 def _benchmarks_importable(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    # the benchmarks switch implementations through this variable; undo that after each test
-    monkeypatch.setenv("DEFORMABLE_DETR_MSDA_IMPL", "auto")
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)

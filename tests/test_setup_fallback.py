@@ -45,3 +45,10 @@ def test_a_failing_nvcc_falls_back_to_the_cpu_kernels(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "CUDA build failed" in result.stdout and "building CPU kernels" in result.stdout
     assert len(built) == 1
+
+
+def test_cuda_arch_below_sm60_is_refused(tmp_path):
+    result, built = _build_in_copy(tmp_path, FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST="5.2;7.5+PTX")
+    assert result.returncode != 0
+    assert "has 5.2: the CUDA kernels need compute capability 6.0 or newer" in result.stderr
+    assert built == []

@@ -14,12 +14,15 @@ The compiled kernels live in the ``deformable_detr._C`` extension, which registe
 ``TORCH_LIBRARY``; importing it is enough to load them. This module adds their autograd
 formula, a fake (meta) kernel for ``torch.compile``/``torch.export`` and autocast handling.
 
-The implementation is chosen per call by the environment variable
-``DEFORMABLE_DETR_MSDA_IMPL``: ``auto`` (default; compiled kernel when built for the device,
-else the pure-PyTorch reference), ``compiled`` (error if unavailable) or ``pytorch``.
+The implementation is ``auto`` (compiled kernel when built for the device, else the
+pure-PyTorch reference), ``compiled`` (error if unavailable) or ``pytorch``. The environment
+variable ``DEFORMABLE_DETR_MSDA_IMPL`` sets the default when this module is imported;
+``with use_implementation(name):`` switches it for a block (a context variable, so it stays
+with the thread or task that set it and never touches the process environment).
 """
 
 import contextlib
+import contextvars
 import importlib.util
 import os
 from typing import Dict, Optional
@@ -39,6 +42,11 @@ __all__ = [
 IMPL_ENV_VAR = "DEFORMABLE_DETR_MSDA_IMPL"
 _IMPLEMENTATIONS = ("auto", "compiled", "pytorch")
 _OPMATH_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+# an invalid environment value is kept so that the first call reports it
+_IMPLEMENTATION = contextvars.ContextVar(
+    "ms_deform_attn_implementation",
+    default=os.environ.get(IMPL_ENV_VAR, "auto").strip().lower() or "auto",
+)
 
 
 def _load_extension():
@@ -79,11 +87,11 @@ def active_implementation(device) -> str:
     """``"compiled"`` or ``"pytorch"``: what :func:`ms_deform_attn` runs on ``device`` now.
 
     Raises:
-        RuntimeError: ``DEFORMABLE_DETR_MSDA_IMPL`` is invalid, or is ``compiled`` and no
-            compiled kernel exists for the device.
+        RuntimeError: ``DEFORMABLE_DETR_MSDA_IMPL`` was invalid at import, or the choice is
+            ``compiled`` and no compiled kernel exists for the device.
     """
     device_type = torch.device(device).type
-    choice = os.environ.get(IMPL_ENV_VAR, "auto").strip().lower() or "auto"
+    choice = _IMPLEMENTATION.get()
     if choice not in _IMPLEMENTATIONS:
         raise RuntimeError(
             f"{IMPL_ENV_VAR}={choice!r} is invalid; expected one of {', '.join(_IMPLEMENTATIONS)}"
@@ -92,8 +100,9 @@ def active_implementation(device) -> str:
     if choice == "compiled" and not available:
         reason = extension_error() or f"it was built without {device_type.upper()} kernels"
         raise RuntimeError(
-            f"{IMPL_ENV_VAR}=compiled but no compiled ms_deform_attn kernel for "
-            f"{device_type!r}: {reason}. Rebuild with `pip install --no-build-isolation -e .`."
+            f"the compiled implementation was requested but there is no compiled "
+            f"ms_deform_attn kernel for {device_type!r}: {reason}. Rebuild with "
+            "`pip install --no-build-isolation -e .`."
         )
     if choice == "pytorch" or not available:
         return "pytorch"
@@ -102,18 +111,14 @@ def active_implementation(device) -> str:
 
 @contextlib.contextmanager
 def use_implementation(name: str):
-    """Runs the block with ``DEFORMABLE_DETR_MSDA_IMPL=name`` and restores the variable after."""
+    """Runs the block with implementation ``name`` (``auto``, ``compiled`` or ``pytorch``)."""
     if name not in _IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got {name!r}")
-    previous = os.environ.get(IMPL_ENV_VAR)
-    os.environ[IMPL_ENV_VAR] = name
+    token = _IMPLEMENTATION.set(name)
     try:
         yield
     finally:
-        if previous is None:
-            del os.environ[IMPL_ENV_VAR]
-        else:
-            os.environ[IMPL_ENV_VAR] = previous
+        _IMPLEMENTATION.reset(token)
 
 
 def ms_deform_attn_pytorch(
@@ -160,7 +165,11 @@ def _expect(condition, message):
 
 
 def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """Raises ValueError naming the offending argument; shapes as in the module docstring."""
+    """Raises ValueError naming the offending argument; shapes as in the module docstring.
+
+    Metadata only: reading the levels would sync the host with a CUDA device on every call, so
+    the compiled kernels check them (CPU, in C++) or guard each level (CUDA).
+    """
     _expect(value.dim() == 4, f"value must be (N, S, M, D), got shape {tuple(value.shape)}")
     N, S, M, D = value.shape
     _expect(
@@ -205,20 +214,28 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
             f"{name} is on {tensor.device} but value is on {value.device}; "
             "all inputs must be on one device",
         )
+
+
+def _check_levels(value, spatial_shapes, level_start_index):
+    """The pure-PyTorch path's check of what the compiled CPU kernel checks in C++.
+
+    Reads ``spatial_shapes`` and ``level_start_index`` on the host, as that path does anyway.
+    """
     if torch.compiler.is_compiling():
-        return  # the checks below read tensor data, which a traced graph cannot do
+        return  # a traced graph cannot read tensor data
     shapes, starts = spatial_shapes.tolist(), level_start_index.tolist()
     _expect(
         all(h > 0 and w > 0 for h, w in shapes),
         f"spatial_shapes must hold positive (H, W), got {shapes}",
     )
     sizes = [h * w for h, w in shapes]
-    expected_starts = [sum(sizes[:level]) for level in range(L)]
+    expected_starts = [sum(sizes[:level]) for level in range(len(sizes))]
     _expect(
         starts == expected_starts,
         f"level_start_index must be the exclusive cumsum of H*W = {expected_starts}, "
         f"got {starts}",
     )
+    S = value.shape[1]
     _expect(
         S == sum(sizes),
         f"value has S={S} positions but spatial_shapes sum to sum(H*W)={sum(sizes)}",
@@ -260,12 +277,12 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     Returns:
         (N, Lq, M * D) in ``value.dtype``.
 
-    Inputs are validated (ValueError naming the argument; checking ``spatial_shapes`` and
-    ``level_start_index`` reads them on the host, a sync for CUDA tensors, skipped under
-    ``torch.compile``) and made contiguous. On CUDA the op runs in ``value.dtype`` (float16 and
-    bfloat16 accumulate in float32), with locations and weights cast to that accumulation
-    dtype. On the CPU float16 and bfloat16 values are computed in float32; under CPU autocast
-    the result is float32.
+    Inputs are validated (ValueError naming the argument) and made contiguous. On CUDA the
+    compiled op does not read ``spatial_shapes`` / ``level_start_index`` on the host (no sync):
+    a level that does not fit in ``value`` contributes nothing instead of raising. On CUDA the
+    op runs in ``value.dtype`` (float16 and bfloat16 accumulate in float32), with locations and
+    weights cast to that accumulation dtype. On the CPU float16 and bfloat16 values are
+    computed in float32; under CPU autocast the result is float32.
     """
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     sampling_locations, attention_weights = _cast_to_opmath(
@@ -278,6 +295,7 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
         if torch.is_autocast_enabled("cpu"):
             output_dtype = torch.float32
     if active_implementation(value.device) == "pytorch":
+        _check_levels(value, spatial_shapes, level_start_index)
         output = ms_deform_attn_pytorch(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
@@ -293,10 +311,13 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     return output if output.dtype == output_dtype else output.to(output_dtype)
 
 
-def _register_compiled_op():
-    """Autograd formula and fake kernel for the ``deformable_detr`` operators."""
-    forward_name = "deformable_detr::ms_deform_attn_forward"
-    backward_name = "deformable_detr::ms_deform_attn_backward"
+def register_autograd(library="deformable_detr"):
+    """Autograd formula and fake kernel for the ms_deform_attn operators of ``library``.
+
+    The tests register them as well for their build of the CUDA op on the CPU emulator.
+    """
+    forward_name = f"{library}::ms_deform_attn_forward"
+    backward_name = f"{library}::ms_deform_attn_backward"
 
     @torch.library.register_fake(forward_name)
     def _forward_fake(
@@ -315,7 +336,7 @@ def _register_compiled_op():
             torch.empty_like(attention_weights),
         )
 
-    ms_deform_attn_backward = torch.ops.deformable_detr.ms_deform_attn_backward
+    ms_deform_attn_backward = getattr(torch.ops, library).ms_deform_attn_backward
 
     def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
@@ -338,4 +359,4 @@ def _register_compiled_op():
 
 
 if _EXTENSION_ERROR is None:
-    _register_compiled_op()
+    register_autograd()
