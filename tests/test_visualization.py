@@ -220,6 +220,13 @@ def test_draw_sampling_draws_points_and_box():
     assert (drawn[60, 80] > 200).all()
     assert not drawn[100:115, 140:155].any()  # away from everything drawn
 
+    # Zoomed: the region around box and points (x 14..146, y 14..106), enlarged to 400 wide.
+    zoomed = draw_sampling(image, query, torch.tensor([30.0, 30, 130, 90]), zoom=True)
+    scale = 400 / 132
+    assert zoomed.shape == (round(92 * scale), 400, 3)
+    heavy = zoomed[round(46 * scale), round(26 * scale)]
+    assert heavy[0] < 80 and heavy[2] > 120
+
 
 @pytest.mark.parametrize("variant", ["single_scale", "multi_scale", "box_refine", "two_stage"])
 def test_tool_writes_pictures_for_each_variant(variant, tmp_path, capsys):

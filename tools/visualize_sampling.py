@@ -46,6 +46,8 @@ def parse_args(argv=None):
                         help="also draw the last encoder layer's sampling for this pixel")
     parser.add_argument("--encoder-level", type=int, default=0,
                         help="feature level of the encoder query at --encoder-pixel (default 0)")
+    parser.add_argument("--zoom", action="store_true",
+                        help="draw only the region around each query's points, enlarged")
     parser.add_argument("--device", help="e.g. cpu or cuda; default MODEL.DEVICE of the config")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return parser.parse_args(argv)
@@ -84,7 +86,9 @@ def main(argv=None):
             encoder_pixel=args.encoder_pixel, encoder_level=args.encoder_level,
         )
         name = os.path.splitext(os.path.basename(path))[0]
-        written = write_detection_pictures(image, result, args.output, name, class_names)
+        written = write_detection_pictures(
+            image, result, args.output, name, class_names, zoom=args.zoom
+        )
         share = mean_inside_box_share(result["detections"])
         summary = "no detection above the threshold" if share is None else (
             "attention inside the box: "

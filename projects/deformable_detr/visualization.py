@@ -11,6 +11,7 @@ Detectron2's ``Visualizer``.
     print(mean_inside_box_share(result["detections"]))
 """
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -286,19 +287,23 @@ def draw_sampling(
     sampling: SampledQuery,
     box: Optional[torch.Tensor] = None,
     label: Optional[str] = None,
+    zoom: bool = False,
 ) -> np.ndarray:
     """
     Draws one query's sampling on the image: a dot per sampling point, coloured by level, its
     area proportional to its attention weight; the reference point as a white cross (and the
     reference box dashed when the reference is a box); ``box`` in white with ``label``; a legend
-    giving each level's share of attention inside ``box``.
+    giving each level's share of attention inside ``box``. ``zoom``: only the region around the
+    points and boxes, enlarged to at least 400 pixels a side.
 
     Returns:
         (H, W, 3) uint8 RGB.
     """
+    if zoom:
+        image_rgb, sampling, box = _zoom(image_rgb, sampling, box)
     visualizer = Visualizer(image_rgb)
     output = visualizer.output
-    max_radius = max(3.0, math.sqrt(image_rgb.shape[0] * image_rgb.shape[1]) / 40)
+    max_radius = max(2.0, math.sqrt(image_rgb.shape[0] * image_rgb.shape[1]) / 80)
     line_width = max(1.0, max_radius / 6)
     if box is not None:
         visualizer.draw_box(box.tolist(), edge_color="white")
@@ -340,14 +345,45 @@ def draw_sampling(
     return output.get_image()
 
 
+def _zoom(
+    image_rgb: np.ndarray, sampling: SampledQuery, box: Optional[torch.Tensor], min_side=400
+) -> Tuple[np.ndarray, SampledQuery, Optional[torch.Tensor]]:
+    """The image cropped around everything drawn and enlarged, with coordinates to match."""
+    corners = [sampling.sampling_points.reshape(-1, 2), sampling.reference_point.view(1, 2)]
+    corners += [b.view(2, 2) for b in (box, sampling.reference_box) if b is not None]
+    corners = torch.cat(corners)
+    low, high = corners.min(0).values, corners.max(0).values
+    margin = max(16.0, 0.15 * float((high - low).max()))
+    height, width = image_rgb.shape[:2]
+    x0 = min(max(int(low[0] - margin), 0), width - 1)
+    y0 = min(max(int(low[1] - margin), 0), height - 1)
+    x1 = max(min(math.ceil(high[0] + margin), width), x0 + 1)
+    y1 = max(min(math.ceil(high[1] + margin), height), y0 + 1)
+    crop = image_rgb[y0:y1, x0:x1]
+    scale = max(1.0, min_side / max(crop.shape[:2]))
+    crop = cv2.resize(crop, (round(crop.shape[1] * scale), round(crop.shape[0] * scale)),
+                      interpolation=cv2.INTER_CUBIC)
+    offset = torch.tensor([float(x0), float(y0)])
+
+    def move(points):
+        return None if points is None else (points.view(-1, 2) - offset).mul(scale).view_as(points)
+
+    zoomed = dataclasses.replace(
+        sampling, reference_point=move(sampling.reference_point),
+        reference_box=move(sampling.reference_box), sampling_points=move(sampling.sampling_points),
+    )
+    return crop, zoomed, move(box)
+
+
 def write_detection_pictures(
     image_rgb: np.ndarray, result: Dict, out_dir: str, name: str,
     class_names: Optional[Sequence[str]] = None, max_pictures: Optional[int] = None,
+    zoom: bool = False,
 ) -> List[str]:
     """
     Writes ``<name>_det<k>.png`` for each detection of ``result`` (a
     :func:`explain_detections` entry, at most ``max_pictures``) and ``<name>_encoder.png`` when
-    it has the encoder's sampling; returns the paths.
+    it has the encoder's sampling; returns the paths. ``zoom``: see :func:`draw_sampling`.
     """
     os.makedirs(out_dir, exist_ok=True)
     paths = []
@@ -355,11 +391,12 @@ def write_detection_pictures(
         category = (class_names[detection.category] if class_names
                     else f"class {detection.category}")
         label = f"{category} {detection.score:.0%}, query {detection.query_index}"
-        picture = draw_sampling(image_rgb, detection.sampling, detection.box, label)
+        picture = draw_sampling(image_rgb, detection.sampling, detection.box, label, zoom)
         paths.append(os.path.join(out_dir, f"{name}_det{k}.png"))
         cv2.imwrite(paths[-1], picture[:, :, ::-1])
     if result["encoder"] is not None:
-        picture = draw_sampling(image_rgb, result["encoder"], label="encoder, last layer")
+        picture = draw_sampling(image_rgb, result["encoder"], label="encoder, last layer",
+                                zoom=zoom)
         paths.append(os.path.join(out_dir, f"{name}_encoder.png"))
         cv2.imwrite(paths[-1], picture[:, :, ::-1])
     return paths
