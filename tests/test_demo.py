@@ -65,6 +65,7 @@ def test_short_training_lowers_loss_and_writes_outputs(demo_run):
     assert tile.shape[0] == 400 and tile.shape[1] == 2 * 400 + 8  # prediction | gap | truth
     assert re.search(r"inside the detected box, averaged over \d+ detections scoring >= 0.0: "
                      r"level 0 [\d.]+%, level 1 [\d.]+%, level 2 [\d.]+%, all levels", stdout)
+    assert "the share of its sampling points inside (unweighted): level 0" in stdout
     assert re.search(r"the same for the untrained model \(its top \d+ per image\): level 0", stdout)
     sampling = sorted(os.listdir(out / "sampling"))
     assert len(sampling) == 4 and sampling[0].endswith("_det0.png")  # 2 tiles, 2 detections

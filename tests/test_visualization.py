@@ -125,6 +125,8 @@ def test_inside_box_share_by_hand():
     level0 = (0.1 + 0.25 + 0.25) / (0.1 + 0.2 + 0.25 + 0.25)
     level1 = 0.3 / (0.3 + 0.4 + 0.4 + 0.1)
     assert torch.allclose(share, torch.tensor([level0, level1, (0.1 + 0.25 + 0.25 + 0.3) / 2]))
+    unweighted = inside_box_share(query, torch.tensor([10.0, 10, 20, 20]), weighted=False)
+    assert torch.equal(unweighted, torch.tensor([3 / 4, 1 / 4, 4 / 8]))
 
 
 def test_capture_in_a_model_equals_what_the_op_received(monkeypatch):

@@ -31,7 +31,11 @@ try:
 
     from deformable_detr.data import prepare_trees
     from deformable_detr.modeling.backbone.mobilenet_v2 import default_mobilenet_v2_weights
-    from deformable_detr.visualization import SamplingPredictor, inside_box_share_on_dataset
+    from deformable_detr.visualization import (
+        SamplingPredictor,
+        explain_dataset,
+        mean_inside_box_share,
+    )
     from train_net import Trainer, setup
 except ImportError as e:
     sys.exit(f"run_demo.py: {e}. Run `make setup` (or use .venv/bin/python).")
@@ -94,21 +98,26 @@ def measure_sampling(cfg, dataset_name, out_dir, num_images, threshold):
     """
     dataset_dicts = DatasetCatalog.get(dataset_name)
     class_names = MetadataCatalog.get(dataset_name).thing_classes
-    trained, count = inside_box_share_on_dataset(
+    trained = explain_dataset(
         SamplingPredictor(cfg), dataset_dicts, threshold, picture_dir=out_dir,
         num_picture_images=num_images, class_names=class_names,
     )
-    if trained is None:
+    if not trained:
         print(f"[demo] no detection scores {threshold} or more: nothing to measure sampling on")
         return None
     untrained_cfg = cfg.clone()
     untrained_cfg.defrost()
     untrained_cfg.MODEL.WEIGHTS = ""
     torch.manual_seed(0)
-    per_image = max(1, round(count / len(dataset_dicts)))
-    untrained, _ = inside_box_share_on_dataset(
+    per_image = max(1, round(len(trained) / len(dataset_dicts)))
+    untrained = explain_dataset(
         SamplingPredictor(untrained_cfg), dataset_dicts, 0.0, max_detections=per_image
     )
+    shares = {
+        "trained": mean_inside_box_share(trained),
+        "trained, points unweighted": mean_inside_box_share(trained, weighted=False),
+        "untrained": mean_inside_box_share(untrained),
+    }
 
     def levels(share):
         return ", ".join(
@@ -118,11 +127,14 @@ def measure_sampling(cfg, dataset_name, out_dir, num_images, threshold):
 
     print(
         f"[demo] {dataset_name}: attention of the last decoder layer inside the detected box, "
-        f"averaged over {count} detections scoring >= {threshold}: {levels(trained)}\n"
+        f"averaged over {len(trained)} detections scoring >= {threshold}: "
+        f"{levels(shares['trained'])}\n"
+        f"[demo] the share of its sampling points inside (unweighted): "
+        f"{levels(shares['trained, points unweighted'])}\n"
         f"[demo] the same for the untrained model (its top {per_image} per image): "
-        f"{levels(untrained)}"
+        f"{levels(shares['untrained'])}"
     )
-    return {"trained": trained.tolist(), "untrained": untrained.tolist()}
+    return {name: share.tolist() for name, share in shares.items()}
 
 
 def get_parser():

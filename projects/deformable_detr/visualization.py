@@ -39,9 +39,9 @@ __all__ = [
     "SamplingPredictor",
     "draw_sampling",
     "encoder_query_index",
+    "explain_dataset",
     "explain_detections",
     "inside_box_share",
-    "inside_box_share_on_dataset",
     "level_valid_ratios",
     "mean_inside_box_share",
     "sampled_query",
@@ -160,25 +160,33 @@ def encoder_query_index(
     return int(record.level_start_index[level]) + row * w + column
 
 
-def inside_box_share(sampling: SampledQuery, box: torch.Tensor) -> torch.Tensor:
+def inside_box_share(
+    sampling: SampledQuery, box: torch.Tensor, weighted: bool = True
+) -> torch.Tensor:
     """
     (L + 1,): the attention weight of the sampling points inside ``box`` (XYXY, edges
     included) as a share of all the weight of each level, then of all levels together.
+    ``weighted=False`` counts every point the same (the share of the points inside).
     """
     x, y = sampling.sampling_points.unbind(-1)
     x0, y0, x1, y1 = box.tolist()
     inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)  # (M, L, P)
     weights = sampling.attention_weights
+    if not weighted:
+        weights = torch.ones_like(weights)
     inside_weight = (weights * inside).sum((0, 2))
     per_level = inside_weight / weights.sum((0, 2))
     return torch.cat([per_level, (inside_weight.sum() / weights.sum()).view(1)])
 
 
-def mean_inside_box_share(detections: Sequence[DetectionSampling]) -> Optional[torch.Tensor]:
+def mean_inside_box_share(
+    detections: Sequence[DetectionSampling], weighted: bool = True
+) -> Optional[torch.Tensor]:
     """:func:`inside_box_share` of every detection's own box, averaged; None without any."""
     if not detections:
         return None
-    return torch.stack([inside_box_share(d.sampling, d.box) for d in detections]).mean(0)
+    shares = [inside_box_share(d.sampling, d.box, weighted) for d in detections]
+    return torch.stack(shares).mean(0)
 
 
 def _attention_module_names(model) -> Tuple[str, str]:
@@ -402,7 +410,7 @@ def write_detection_pictures(
     return paths
 
 
-def inside_box_share_on_dataset(
+def explain_dataset(
     predictor: SamplingPredictor,
     dataset_dicts: Sequence[Dict],
     score_thresh: float,
@@ -411,14 +419,11 @@ def inside_box_share_on_dataset(
     num_picture_images: int = 0,
     pictures_per_image: int = 2,
     class_names: Optional[Sequence[str]] = None,
-) -> Tuple[Optional[torch.Tensor], int]:
+) -> List[DetectionSampling]:
     """
-    :func:`mean_inside_box_share` over the detections of every image of a Detectron2 dataset,
-    writing the pictures of the first ``num_picture_images`` images into ``picture_dir``.
-
-    Returns:
-        the (L + 1,) share (per level, then all levels; None without detections) and the number
-        of detections it averages.
+    The detections of every image of a Detectron2 dataset with their sampling (for
+    :func:`mean_inside_box_share`); writes the pictures of the first ``num_picture_images``
+    images into ``picture_dir``.
     """
     detections = []
     for index, dataset_dict in enumerate(dataset_dicts):
@@ -429,4 +434,4 @@ def inside_box_share_on_dataset(
             name = os.path.splitext(os.path.basename(dataset_dict["file_name"]))[0]
             write_detection_pictures(image, result, picture_dir, name, class_names,
                                      pictures_per_image)
-    return mean_inside_box_share(detections), len(detections)
+    return detections
