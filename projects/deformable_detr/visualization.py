@@ -311,7 +311,7 @@ def draw_sampling(
         image_rgb, sampling, box = _zoom(image_rgb, sampling, box)
     visualizer = Visualizer(image_rgb)
     output = visualizer.output
-    max_radius = max(2.0, math.sqrt(image_rgb.shape[0] * image_rgb.shape[1]) / 80)
+    max_radius = max(2.0, math.sqrt(image_rgb.shape[0] * image_rgb.shape[1]) / 60)
     line_width = max(1.0, max_radius / 6)
     if box is not None:
         visualizer.draw_box(box.tolist(), edge_color="white")
@@ -356,8 +356,11 @@ def draw_sampling(
 def _zoom(
     image_rgb: np.ndarray, sampling: SampledQuery, box: Optional[torch.Tensor], min_side=400
 ) -> Tuple[np.ndarray, SampledQuery, Optional[torch.Tensor]]:
-    """The image cropped around everything drawn and enlarged, with coordinates to match."""
-    corners = [sampling.sampling_points.reshape(-1, 2), sampling.reference_point.view(1, 2)]
+    """The image cropped around the boxes and the points of visible weight, enlarged, with
+    coordinates to match."""
+    weights = sampling.attention_weights.flatten()
+    visible = sampling.sampling_points.reshape(-1, 2)[weights >= 0.05 * weights.max()]
+    corners = [visible, sampling.reference_point.view(1, 2)]
     corners += [b.view(2, 2) for b in (box, sampling.reference_box) if b is not None]
     corners = torch.cat(corners)
     low, high = corners.min(0).values, corners.max(0).values
@@ -419,11 +422,12 @@ def explain_dataset(
     num_picture_images: int = 0,
     pictures_per_image: int = 2,
     class_names: Optional[Sequence[str]] = None,
+    zoom: bool = True,
 ) -> List[DetectionSampling]:
     """
     The detections of every image of a Detectron2 dataset with their sampling (for
-    :func:`mean_inside_box_share`); writes the pictures of the first ``num_picture_images``
-    images into ``picture_dir``.
+    :func:`mean_inside_box_share`); writes the pictures (see :func:`draw_sampling` for
+    ``zoom``) of the first ``num_picture_images`` images into ``picture_dir``.
     """
     detections = []
     for index, dataset_dict in enumerate(dataset_dicts):
@@ -433,5 +437,5 @@ def explain_dataset(
         if picture_dir is not None and index < num_picture_images:
             name = os.path.splitext(os.path.basename(dataset_dict["file_name"]))[0]
             write_detection_pictures(image, result, picture_dir, name, class_names,
-                                     pictures_per_image)
+                                     pictures_per_image, zoom)
     return detections
