@@ -69,7 +69,7 @@ def test_short_training_lowers_loss_and_writes_outputs(demo_run):
     assert re.search(r"the same for the untrained model \(its top \d+ per image\): level 0", stdout)
     sampling = sorted(os.listdir(out / "sampling"))
     assert len(sampling) == 4 and sampling[0].endswith("_det0.png")  # 2 tiles, 2 detections
-    assert cv2.imread(str(out / "sampling" / sampling[0])).shape == (400, 400, 3)
+    assert max(cv2.imread(str(out / "sampling" / sampling[0])).shape) == 400  # zoomed
 
 
 @pytest.mark.slow
