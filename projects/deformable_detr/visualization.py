@@ -302,7 +302,7 @@ def draw_sampling(
     area proportional to its attention weight; the reference point as a white cross (and the
     reference box dashed when the reference is a box); ``box`` in white with ``label``; a legend
     giving each level's share of attention inside ``box``. ``zoom``: only the region around the
-    points and boxes, enlarged to at least 400 pixels a side.
+    boxes and the points of visible weight, its longer side enlarged to 400 pixels.
 
     Returns:
         (H, W, 3) uint8 RGB.
@@ -347,7 +347,7 @@ def draw_sampling(
         legend.append(text)
     font_size = visualizer._default_font_size
     for row, text in enumerate(legend):
-        color = "white" if label and row == 0 else LEVEL_COLORS[(row - bool(label)) % 6]
+        color = "white" if label and row == 0 else LEVEL_COLORS[(row - bool(label)) % len(LEVEL_COLORS)]
         visualizer.draw_text(text, (4, 4 + row * font_size * 1.5), color=color,
                              horizontal_alignment="left")
     return output.get_image()
