@@ -339,15 +339,14 @@ def draw_sampling(
                    markeredgecolor="black", markeredgewidth=line_width / 2)
 
     shares = None if box is None else inside_box_share(sampling, box)
-    legend = [label] if label else []
+    legend = [(label, "white")] if label else []
     for level, (h, w) in enumerate(sampling.level_shapes):
         text = f"level {level} ({h}x{w})"
         if shares is not None:
             text += f": {float(shares[level]):.0%} in box"
-        legend.append(text)
+        legend.append((text, LEVEL_COLORS[level % len(LEVEL_COLORS)]))
     font_size = visualizer._default_font_size
-    for row, text in enumerate(legend):
-        color = "white" if label and row == 0 else LEVEL_COLORS[(row - bool(label)) % len(LEVEL_COLORS)]
+    for row, (text, color) in enumerate(legend):
         visualizer.draw_text(text, (4, 4 + row * font_size * 1.5), color=color,
                              horizontal_alignment="left")
     return output.get_image()
