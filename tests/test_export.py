@@ -1,27 +1,45 @@
-import os
 import runpy
 
 import numpy as np
 import pytest
 import torch
+from detectron2.config import get_cfg
 from detectron2.modeling import build_model
-from tiny_deformable_detr import REPO, tiny_cfg
+from tiny_deformable_detr import CONFIGS, REPO, tiny_cfg
 from tiny_training import write_config
+from torchvision.ops import box_convert, nms
 
+from deformable_detr import add_deformable_detr_config
 from deformable_detr.checkpoint import AtomicDetectionCheckpointer
 from deformable_detr.export import (
+    EXPORTERS,
+    MIN_DYNAMIC_SIZE,
     ExportableDeformableDETR,
+    ExportMismatchError,
     example_inputs,
     export_onnx,
     export_torch,
+    load_exported,
+    prepare_inputs,
+    random_image_batches,
+    verify_export,
 )
 from deformable_detr.layers import compiled_kernels
-from deformable_detr.layers.ms_deform_attn_op import IMPL_ENV_VAR
+
+needs_cpu_kernel = pytest.mark.skipif(
+    not compiled_kernels()["cpu"], reason="deformable_detr._C has no CPU kernel"
+)
+PROPOSAL_NMS_THRESH = 0.7
 
 
-def _onnx_session(path):
-    onnxruntime = pytest.importorskip("onnxruntime")
-    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def _randomize_heads(model):
+    """Untrained heads predict nearly the same boxes for any image; random ones do not, so a
+    wrong mask or a constant baked into the graph shows in the outputs."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.startswith(("class_embed", "bbox_embed")):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
 
 
 def _model(variant):
@@ -29,77 +47,235 @@ def _model(variant):
     # "+distinct": two-stage queries picked after proposal NMS (a data-dependent op).
     cfg = tiny_cfg(variant.removesuffix("+distinct"))
     if variant.endswith("+distinct"):
-        cfg.MODEL.DEFORMABLE_DETR.TWO_STAGE_PROPOSAL_NMS_THRESH = 0.7
-    return build_model(cfg).eval()
+        cfg.MODEL.DEFORMABLE_DETR.TWO_STAGE_PROPOSAL_NMS_THRESH = PROPOSAL_NMS_THRESH
+    model = build_model(cfg).eval()
+    _randomize_heads(model)
+    if variant.endswith("+distinct"):
+        with torch.no_grad():
+            # Wide encoder proposals overlap by construction: NMS removes most of them.
+            model.bbox_embed[-1].layers[-1].bias[2:] = 4.0
+    return model
 
 
-def _eager(model, inputs):
+def _demo_model():
+    """The demo config (MobileNetV2, 3 levels, refine + two-stage + distinct queries + NMS)."""
+    torch.manual_seed(0)
+    cfg = get_cfg()
+    add_deformable_detr_config(cfg)
+    cfg.merge_from_file(str(CONFIGS / "demo" / "deformable_detr_mnv2_trees.yaml"))
+    cfg.MODEL.DEFORMABLE_DETR.NUM_QUERIES = cfg.MODEL.DEFORMABLE_DETR.TWO_STAGE_NUM_PROPOSALS = 50
+    model = build_model(cfg).eval()
+    _randomize_heads(model)
+    return model
+
+
+def _mixed_size_batches(model, size=None, count=2):
+    """Batches of two random images of different sizes: the padding masks are not all False."""
+    return random_image_batches(model, size or (160, 192), size is not None, 2, count, seed=3)
+
+
+def _eager(model, images, padding_mask):
     with torch.no_grad():
-        return ExportableDeformableDETR(model)(*inputs)
+        return ExportableDeformableDETR(model)(images, padding_mask)
 
 
-def test_wrapper_matches_forward_raw_on_same_size_images():
+def _kept_proposals(model, images, padding_mask):
+    """Per image, the set of encoder proposals that survive the proposal NMS."""
+    with torch.no_grad():
+        encoder = model.forward_network(images, padding_mask)["enc_outputs"]
+    boxes = box_convert(encoder["pred_boxes"], "cxcywh", "xyxy")
+    return [
+        set(nms(b, s, PROPOSAL_NMS_THRESH).tolist())
+        for b, s in zip(boxes, encoder["pred_logits"][..., 0])
+    ]
+
+
+def test_wrapper_matches_forward_raw_on_a_padded_batch_of_mixed_sizes():
     model = _model("box_refine")
-    pixels = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8)
+    batch = [{"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8)}
+             for h, w in ((64, 96), (80, 56))]
     with torch.no_grad():
-        raw = model.forward_raw([{"image": image} for image in pixels])
-        images, padding_mask = model.preprocess_image([{"image": image} for image in pixels])
+        raw = model.forward_raw(batch)
+        images, padding_mask = model.preprocess_image(batch)
+        assert padding_mask.any()
         logits, boxes = ExportableDeformableDETR(model)(images.tensor, padding_mask)
     torch.testing.assert_close(logits, raw["pred_logits"][-1], rtol=0, atol=0)
     torch.testing.assert_close(boxes, raw["pred_boxes"][-1], rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not compiled_kernels()["cpu"], reason="deformable_detr._C has no CPU kernel")
-@pytest.mark.parametrize("variant", ["multi_scale", "two_stage", "two_stage+distinct"])
-def test_torch_export_keeps_the_compiled_op_and_matches_eager(variant, tmp_path, monkeypatch):
-    monkeypatch.setenv(IMPL_ENV_VAR, "pytorch")  # the export picks the compiled op itself
+def test_prepare_inputs_pads_to_the_fixed_size_with_a_true_mask():
+    model = _model("multi_scale")
+    images = [torch.randint(0, 256, (3, 100, 120), dtype=torch.uint8),
+              torch.randint(0, 256, (3, 300, 90), dtype=torch.uint8)]  # taller than the size
+    tensor, padding_mask, sizes = prepare_inputs(model, images, (128, 160))
+    assert tensor.shape == (2, 3, 128, 160) and padding_mask.shape == (2, 128, 160)
+    assert sizes == [(100, 120), (128, 38)]  # the second scaled down to fit, aspect kept
+    for mask, (h, w) in zip(padding_mask, sizes):
+        assert not mask[:h, :w].any() and mask[h:].all() and mask[:, w:].all()
+        assert (mask.sum() == 128 * 160 - h * w).item()
+
+
+def test_proposal_nms_of_the_test_model_is_data_dependent():
+    """The test model must make the proposal NMS matter, else the export tests prove nothing."""
+    model = _model("two_stage+distinct")
+    (first, mask_first, _), (second, mask_second, _) = _mixed_size_batches(model, (128, 160))
+    kept_first = _kept_proposals(model, first, mask_first)
+    kept_second = _kept_proposals(model, second, mask_second)
+    num_proposals = first.shape[-2] // 8 * first.shape[-1] // 8
+    assert all(len(kept) < num_proposals // 2 for kept in kept_first + kept_second)
+    assert kept_first != kept_second
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("variant", ["multi_scale", "two_stage+distinct"])
+def test_torch_export_is_dynamic_in_size_and_matches_eager_on_other_inputs(variant, tmp_path):
     model = _model(variant)
-    inputs = example_inputs(model, 64, 96, batch_size=2)
+    inputs = example_inputs(model, 128, 160, batch_size=2)
     export_torch(model, inputs, str(tmp_path / "model.pt2"))
     program = torch.export.load(str(tmp_path / "model.pt2"))
     targets = {str(node.target) for node in program.graph.nodes}
     assert "deformable_detr.ms_deform_attn_forward.default" in targets
 
-    other = example_inputs(model, 64, 96, batch_size=2)  # not the inputs it was traced with
-    for exported, eager in zip(program.module()(*other), _eager(model, other)):
-        torch.testing.assert_close(exported, eager, rtol=0, atol=1e-4)
-    assert os.environ[IMPL_ENV_VAR] == "pytorch"
+    run = load_exported("torch_export", str(tmp_path / "model.pt2"))
+    # Other images, of other sizes than the example, with real padding.
+    for images, padding_mask, _ in _mixed_size_batches(model):
+        assert padding_mask.any() and images.shape[-2:] != inputs[0].shape[-2:]
+        for exported, eager in zip(run(images, padding_mask), _eager(model, images, padding_mask)):
+            torch.testing.assert_close(exported, eager, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["multi_scale", "two_stage"])
-def test_onnx_export_runs_in_onnxruntime_and_matches_eager(variant, tmp_path):
+@needs_cpu_kernel
+def test_torch_export_refuses_an_example_below_the_dynamic_minimum(tmp_path):
+    model = _model("multi_scale")
+    with pytest.raises(ValueError, match=f"at least {MIN_DYNAMIC_SIZE}"):
+        export_torch(model, example_inputs(model, 64, 160), str(tmp_path / "model.pt2"))
+
+
+@pytest.mark.parametrize(
+    "variant", ["multi_scale", "single_scale", "single_scale_dc5", "box_refine", "two_stage",
+                "two_stage+distinct"],
+)
+def test_onnx_export_matches_eager_on_other_padded_inputs(variant, tmp_path):
     pytest.importorskip("onnx")
     model = _model(variant)
-    inputs = example_inputs(model, 64, 96, batch_size=2)
-    export_onnx(model, inputs, str(tmp_path / "model.onnx"))
-
-    session = _onnx_session(tmp_path / "model.onnx")
-    other = example_inputs(model, 64, 96, batch_size=2)
-    outputs = session.run(
-        ["pred_logits", "pred_boxes"],
-        {"images": other[0].numpy(), "padding_mask": other[1].numpy()},
-    )
-    for exported, eager in zip(outputs, _eager(model, other)):
-        np.testing.assert_allclose(exported, eager.numpy(), rtol=0, atol=1e-4)
+    size = (128, 160)
+    export_onnx(model, example_inputs(model, *size, batch_size=2), str(tmp_path / "model.onnx"))
+    run = load_exported("onnx", str(tmp_path / "model.onnx"))
+    for images, padding_mask, _ in _mixed_size_batches(model, size):
+        assert padding_mask.any()
+        for exported, eager in zip(run(images, padding_mask), _eager(model, images, padding_mask)):
+            np.testing.assert_allclose(exported.numpy(), eager.numpy(), rtol=0, atol=1e-4)
 
 
-def test_export_tool_loads_weights_and_writes_a_matching_onnx_file(tmp_path, capsys):
+def test_onnx_export_of_the_demo_config_matches_eager(tmp_path):
     pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
-    trained = _model("multi_scale")
-    with torch.no_grad():
-        trained.class_embed[0].bias.add_(1.0)  # differs from a fresh model with the same seed
-    AtomicDetectionCheckpointer(trained, save_dir=str(tmp_path)).save("weights")
-    config = write_config(tiny_cfg("multi_scale"), tmp_path / "config.yaml")
-    main = runpy.run_path(str(REPO / "tools" / "export_model.py"))["main"]
-    output = tmp_path / "model.onnx"
-    assert main([
-        "--config-file", config, "--format", "onnx", "--output", str(output),
-        "--height", "64", "--width", "96", "MODEL.WEIGHTS", str(tmp_path / "weights.pth"),
-    ]) == 0
-    assert "max |exported - eager| = " in capsys.readouterr().out
+    model = _demo_model()
+    size = (128, 160)
+    export_onnx(model, example_inputs(model, *size), str(tmp_path / "demo.onnx"))
+    differences = verify_export(
+        model, load_exported("onnx", str(tmp_path / "demo.onnx")),
+        random_image_batches(model, size, True, 1, count=2, seed=5), atol=1e-4,
+    )
+    assert differences["pred_logits"] <= 1e-4 and differences["classes"] == 0
 
-    inputs = example_inputs(trained, 64, 96)
-    session = _onnx_session(output)
-    logits, _ = session.run(None, {"images": inputs[0].numpy(), "padding_mask": inputs[1].numpy()})
-    np.testing.assert_allclose(logits, _eager(trained, inputs)[0].numpy(), rtol=0, atol=1e-4)
+
+def test_onnx_proposal_nms_is_a_graph_node_and_metadata_names_the_size(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    model = _model("two_stage+distinct")
+    export_onnx(model, example_inputs(model, 128, 160), str(tmp_path / "model.onnx"))
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    assert "NonMaxSuppression" in {node.op_type for node in proto.graph.node}
+    metadata = {prop.key: prop.value for prop in proto.metadata_props}
+    assert (metadata["input_height"], metadata["input_width"]) == ("128", "160")
+    assert metadata["pixel_mean"] == str(model.pixel_mean.flatten().tolist())
+
+
+def test_verify_export_names_the_output_that_differs():
+    model = _model("multi_scale")
+    batches = _mixed_size_batches(model, (128, 160))
+
+    def shifted_boxes(images, padding_mask):
+        logits, boxes = _eager(model, images, padding_mask)
+        return logits, boxes + 0.01
+
+    with pytest.raises(ExportMismatchError, match=r"pred_boxes by 0\.01"):
+        verify_export(model, shifted_boxes, batches)
+    assert verify_export(model, lambda *x: _eager(model, *x), batches)["pred_logits"] == 0
+
+
+def _tool(argv):
+    return runpy.run_path(str(REPO / "tools" / "export_model.py"))["main"](argv)
+
+
+@pytest.fixture
+def trained_weights(tmp_path):
+    trained = _model("two_stage+distinct")
+    AtomicDetectionCheckpointer(trained, save_dir=str(tmp_path)).save("weights")
+    cfg = tiny_cfg("two_stage")
+    cfg.MODEL.DEFORMABLE_DETR.TWO_STAGE_PROPOSAL_NMS_THRESH = PROPOSAL_NMS_THRESH
+    return trained, write_config(cfg, tmp_path / "config.yaml"), str(tmp_path / "weights.pth")
+
+
+def test_export_tool_loads_weights_and_writes_a_checked_onnx_file(trained_weights, tmp_path,
+                                                                  capsys):
+    pytest.importorskip("onnxruntime")
+    trained, config, weights = trained_weights
+    output = tmp_path / "model.onnx"
+    assert _tool([
+        "--config-file", config, "--format", "onnx", "--output", str(output),
+        "--height", "128", "--width", "160", "MODEL.WEIGHTS", weights,
+    ]) == 0
+    assert "random images" in capsys.readouterr().out
+
+    images, padding_mask, _ = _mixed_size_batches(trained, (128, 160))[0]
+    logits, _ = load_exported("onnx", str(output))(images[:1], padding_mask[:1])
+    np.testing.assert_allclose(
+        logits.numpy(), _eager(trained, images[:1], padding_mask[:1])[0].numpy(), rtol=0, atol=1e-4
+    )
+
+
+def test_export_tool_deletes_a_file_that_differs_and_exits_1(trained_weights, tmp_path,
+                                                             monkeypatch, capsys):
+    pytest.importorskip("onnxruntime")
+    _, config, weights = trained_weights
+    export = EXPORTERS["onnx"]
+
+    def export_another_model(model, inputs, output):
+        other = _model("two_stage")  # not the loaded weights
+        return export(other, inputs, output)
+
+    monkeypatch.setitem(EXPORTERS, "onnx", export_another_model)
+    output = tmp_path / "model.onnx"
+    assert _tool([
+        "--config-file", config, "--format", "onnx", "--output", str(output),
+        "--height", "128", "--width", "160", "MODEL.WEIGHTS", weights,
+    ]) == 1
+    assert not output.exists()
+    error = capsys.readouterr().err
+    assert "pred_logits by" in error and "was not kept" in error
+
+
+def test_export_tool_checks_on_the_given_image(trained_weights, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    _, config, weights = trained_weights
+    photo = tmp_path / "photo.png"
+    Image.fromarray(skimage_data.astronaut()).save(photo)
+    assert _tool([
+        "--config-file", config, "--format", "onnx", "--output", str(tmp_path / "m.onnx"),
+        "--height", "128", "--width", "160", "--check-image", str(photo), "MODEL.WEIGHTS", weights,
+    ]) == 0
+    assert f"checked on {photo}" in capsys.readouterr().out
+
+
+def test_export_tool_names_missing_files(trained_weights, tmp_path):
+    _, config, weights = trained_weights
+    with pytest.raises(SystemExit, match="config file .*missing.yaml"):
+        _tool(["--config-file", str(tmp_path / "missing.yaml"), "--output", "m.pt2"])
+    with pytest.raises(SystemExit, match="MODEL.WEIGHTS .*missing.pth"):
+        _tool(["--config-file", config, "--output", str(tmp_path / "m.pt2"),
+               "MODEL.WEIGHTS", str(tmp_path / "missing.pth")])
+    with pytest.raises(SystemExit, match=r"named \*\.pt2"):
+        _tool(["--config-file", config, "--output", str(tmp_path / "m.onnx")])

@@ -11,6 +11,7 @@ from .deformable_transformer import DeformableTransformer, inverse_sigmoid
 from .matcher import HungarianMatcher
 from .neck import DEFORMABLE_DETR_NECK_REGISTRY, ChannelMapperNeck, build_neck
 from .position_encoding import PositionEmbeddingSine
+from .postprocessing import select_detections
 
 __all__ = [
     "DEFORMABLE_DETR_NECK_REGISTRY",
@@ -25,4 +26,5 @@ __all__ = [
     "build_neck",
     "build_torchvision_resnet_backbone",
     "inverse_sigmoid",
+    "select_detections",
 ]

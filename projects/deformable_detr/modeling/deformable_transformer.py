@@ -27,7 +27,7 @@ def _level_shapes(spatial_shapes) -> List[Tuple[int, int]]:
     keeps them constants under ``torch.export``, where reading tensor values is data-dependent."""
     if torch.is_tensor(spatial_shapes):
         return [(h, w) for h, w in spatial_shapes.tolist()]
-    return [(int(h), int(w)) for h, w in spatial_shapes]
+    return [(h, w) for h, w in spatial_shapes]
 
 
 def _get_clones(module: nn.Module, n: int) -> nn.ModuleList:
@@ -90,8 +90,8 @@ class DeformableTransformerEncoder(nn.Module):
         reference_points_list = []
         for lvl, (h, w) in enumerate(_level_shapes(spatial_shapes)):
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+                torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+                torch.arange(w, dtype=torch.float32, device=device) + 0.5,
                 indexing="ij",
             )
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
@@ -311,9 +311,13 @@ class DeformableTransformer(nn.Module):
         """
         scores = scores.float()
         boxes = box_convert(coords_unact.float().sigmoid(), "cxcywh", "xyxy")
-        kept = torch.zeros_like(scores, dtype=torch.bool)
-        for kept_i, scores_i, boxes_i in zip(kept, scores, boxes):
-            kept_i[nms(boxes_i, scores_i, self.two_stage_proposal_nms_thresh)] = True
+        # Out of place, image by image: an in-place write into a row view is lost by the ONNX
+        # tracer, which then bakes the example input's survivors into the file as a constant.
+        kept = []
+        for scores_i, boxes_i in zip(scores, boxes):
+            keep = nms(boxes_i, scores_i, self.two_stage_proposal_nms_thresh)
+            kept.append(scores_i.new_zeros(scores_i.shape).scatter(0, keep, 1.0))
+        kept = torch.stack(kept)
         # Survivors first, each group by score (fixed shapes: traceable and exportable).
         offset = scores.amax(1, keepdim=True) - scores.amin(1, keepdim=True) + 1
         return torch.topk(scores + kept * offset, k, dim=1)[1]
@@ -341,8 +345,8 @@ class DeformableTransformer(nn.Module):
             valid_h = torch.sum(~mask[:, :, 0, 0], 1)
             valid_w = torch.sum(~mask[:, 0, :, 0], 1)
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
+                torch.arange(h, dtype=torch.float32, device=memory.device),
+                torch.arange(w, dtype=torch.float32, device=memory.device),
                 indexing="ij",
             )
             grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
@@ -404,9 +408,8 @@ class DeformableTransformer(nn.Module):
         mask_flatten = torch.cat(mask_flatten, 1)
         lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)
         level_shapes = _level_shapes(spatial_shapes)
-        spatial_shapes = torch.as_tensor(
-            spatial_shapes, dtype=torch.long, device=src_flatten.device
-        )
+        # torch.tensor, unlike torch.as_tensor, keeps symbolic sizes symbolic under torch.export.
+        spatial_shapes = torch.tensor(level_shapes, dtype=torch.long, device=src_flatten.device)
         level_start_index = torch.cat(
             (spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1])
         )
