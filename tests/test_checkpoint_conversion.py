@@ -30,6 +30,7 @@ from deformable_detr.checkpoint import (
     load_source_state_dict,
 )
 from deformable_detr.config import add_deformable_detr_config
+from deformable_detr.layers import capture_sampling
 from deformable_detr.utils.testing import randomize_
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,16 +182,34 @@ def test_hf_checkpoint_converts_loads_strictly_and_matches_hf_outputs(variant, t
     model.load_state_dict(torch.load(output, weights_only=True)["model"], strict=True)
 
     imgs = images()
-    with torch.no_grad():
+    with torch.no_grad(), capture_sampling(model) as records:
         raw = model.forward_raw([{"image": im} for im in imgs])
     mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(3, 1, 1)
     std = torch.tensor(cfg.MODEL.PIXEL_STD).view(3, 1, 1)
-    hf_logits, hf_boxes, hf_out = hf_raw_outputs(hf, imgs, mean, std)
+    # What HF's attention core receives: (value, shapes, shapes list, level starts, locations,
+    # weights, im2col step), encoder layers first as in the plugin's module order.
+    hf_sampling = []
+    hf_attention = [layer.self_attn.attn for layer in hf.model.encoder.layers]
+    hf_attention += [layer.encoder_attn.attn for layer in hf.model.decoder.layers]
+    hooks = [
+        module.register_forward_pre_hook(lambda _, args: hf_sampling.append(args[4:6]))
+        for module in hf_attention
+    ]
+    try:
+        hf_logits, hf_boxes, hf_out = hf_raw_outputs(hf, imgs, mean, std)
+    finally:
+        for hook in hooks:
+            hook.remove()
     rows = torch.tensor(coco_class_rows())
 
     assert raw["pred_logits"].shape == (2, 2, NUM_QUERIES, 80)
     assert (raw["pred_logits"] - hf_logits[..., rows]).abs().max() < TOLERANCE
     assert (raw["pred_boxes"] - hf_boxes).abs().max() < TOLERANCE
+    # The sampling capture_sampling records is the official model's, layer by layer.
+    assert len(records) == len(hf_sampling) == 4
+    for (record,), (locations, weights) in zip(records.values(), hf_sampling):
+        assert (record.sampling_locations - locations).abs().max() < TOLERANCE
+        assert (record.attention_weights - weights).abs().max() < TOLERANCE
     if variant == "two_stage":
         # Proposals are ranked by column 0 of the encoder head: COCO id 0 in both models.
         enc = raw["enc_outputs"]

@@ -127,7 +127,7 @@ def test_forward_raw_and_inference_outputs(variant):
     first, second = results[0]["instances"], results[1]["instances"]
     assert first.image_size == (128, 160) and second.image_size == (48, 64)
     for inst in (first, second):
-        assert set(inst.get_fields()) == {"pred_boxes", "scores", "pred_classes"}
+        assert set(inst.get_fields()) == {"pred_boxes", "scores", "pred_classes", "query_indices"}
         assert 0 < len(inst) <= 12 * 3  # top-100 capped by queries x classes
         assert (inst.scores[:-1] >= inst.scores[1:]).all()
         assert inst.pred_classes.dtype == torch.int64 and inst.pred_classes.max() < 3
@@ -141,6 +141,9 @@ def test_forward_raw_and_inference_outputs(variant):
     expected = torch.min(expected.clamp(min=0), torch.tensor([160.0, 128.0, 160.0, 128.0]))
     assert first.scores[0].item() == pytest.approx(flat.max().item())
     assert torch.allclose(first.pred_boxes.tensor[0], expected, atol=1e-3)
+    # Each detection names the query whose (query, class) score it is.
+    queries = first.query_indices
+    assert torch.equal(logits[queries, first.pred_classes].sigmoid(), first.scores)
 
 
 def test_inference_nms_removes_duplicates_only_when_enabled():
@@ -158,6 +161,7 @@ def test_inference_nms_removes_duplicates_only_when_enabled():
     boxes[0, 4] = torch.tensor([0.75, 0.75, 0.20, 0.20])
     (result,) = model.inference(logits, boxes, [(100, 100)])
     assert result.pred_classes[:3].tolist() == [0, 1, 0]
+    assert result.query_indices[:3].tolist() == [0, 3, 4]
     assert torch.allclose(result.scores[:3], torch.tensor([3.0, 0.5, 0.0]).sigmoid())
     assert torch.allclose(result.pred_boxes.tensor[:3],
                           torch.tensor([[20.0, 20, 40, 40], [20, 20, 40, 40], [65, 65, 85, 85]]))
@@ -171,6 +175,7 @@ def test_inference_nms_removes_duplicates_only_when_enabled():
     (result,) = model.inference(logits, boxes, [(100, 100)])
     assert len(result) == 12 * 3
     assert result.pred_classes[:5].tolist() == [0, 0, 0, 1, 0]
+    assert result.query_indices[:5].tolist() == [0, 1, 2, 3, 4]
 
     with pytest.raises(ValueError, match="NMS_THRESH_TEST"):
         _model(NMS_THRESH_TEST=0.0)

@@ -1,6 +1,7 @@
 """End-to-end: `make demo`'s script on a tiny config, then demo.py on a photo (slow)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -37,9 +38,10 @@ def demo_run(tmp_path_factory):
     # One thread: on a busy machine, OpenMP spin-waits of two threads slow training down a lot.
     env = dict(os.environ, DETECTRON2_DATASETS=str(root / "datasets"), OMP_NUM_THREADS="1")
     out = root / "output"
+    # Threshold 0: the 60-iteration model scores low, yet its detections are measured and drawn.
     stdout = _run(
         ["tools/run_demo.py", "--config-file", CONFIG, "--output", str(out), "--num-vis", "2",
-         *TINY],
+         "--vis-threshold", "0", *TINY],
         env,
     )
     return out, stdout, env
@@ -61,6 +63,13 @@ def test_short_training_lowers_loss_and_writes_outputs(demo_run):
     assert len(drawn) == 2
     tile = cv2.imread(str(out / "predictions" / drawn[0]))
     assert tile.shape[0] == 400 and tile.shape[1] == 2 * 400 + 8  # prediction | gap | truth
+    assert re.search(r"inside the detected box, averaged over \d+ detections scoring >= 0.0: "
+                     r"level 0 [\d.]+%, level 1 [\d.]+%, level 2 [\d.]+%, all levels", stdout)
+    assert "the share of its sampling points inside (unweighted): level 0" in stdout
+    assert re.search(r"the same for the untrained model \(its top \d+ per image\): level 0", stdout)
+    sampling = sorted(os.listdir(out / "sampling"))
+    assert len(sampling) == 4 and sampling[0].endswith("_det0.png")  # 2 tiles, 2 detections
+    assert max(cv2.imread(str(out / "sampling" / sampling[0])).shape) == 400  # zoomed
 
 
 @pytest.mark.slow

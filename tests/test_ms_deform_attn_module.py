@@ -1,11 +1,12 @@
 """The MSDeformAttn module: shapes, official initialization, reference points and padding."""
 
+import importlib
 import math
 
 import pytest
 import torch
 
-from deformable_detr.layers import MSDeformAttn, ms_deform_attn_pytorch
+from deformable_detr.layers import MSDeformAttn, capture_sampling, ms_deform_attn_pytorch
 
 SHAPES = torch.tensor([[6, 8], [3, 4], [2, 2]])
 STARTS = torch.tensor([0, 48, 60])
@@ -180,3 +181,54 @@ def test_module_compiles_fullgraph():
         compiled(query, reference_points, input_flatten, SHAPES, STARTS, mask),
         module(query, reference_points, input_flatten, SHAPES, STARTS, mask),
     )
+
+
+def test_capture_records_exactly_what_the_op_received(monkeypatch):
+    # The package re-exports the op under the module file's own name; patch the file's.
+    module_file = importlib.import_module("deformable_detr.layers.ms_deform_attn")
+    received = []
+
+    def spy(*args):
+        received.append(args)
+        return ms_deform_attn_pytorch(*args)
+
+    monkeypatch.setattr(module_file, "ms_deform_attn", spy)
+    module = make_module()
+    randomize(module)
+    query, reference_points, input_flatten = make_inputs(box=True)
+    padding_mask = torch.zeros(2, S, dtype=torch.bool)
+    padding_mask[1, :10] = True
+    with capture_sampling(module) as records:
+        module(query, reference_points, input_flatten, SHAPES, STARTS, padding_mask)
+    ((record,),) = records.values()
+    (args,) = received
+    assert torch.equal(record.sampling_locations, args[3])
+    assert torch.equal(record.attention_weights, args[4])
+    assert record.spatial_shapes is args[1] and record.level_start_index is args[2]
+    assert torch.equal(record.reference_points, reference_points)
+    assert record.padding_mask is padding_mask
+
+
+def test_capture_leaves_outputs_unchanged_and_ends_with_the_block():
+    module = make_module()
+    randomize(module)
+    inputs = (*make_inputs(), SHAPES, STARTS)
+    expected = module(*inputs)
+    with capture_sampling(module) as records:
+        captured = module(*inputs)
+        module(*inputs)
+    assert torch.equal(captured, expected)
+    assert len(records[""]) == 2  # one record per call
+    module(*inputs)
+    assert len(records[""]) == 2 and module._sampling_recorder is None
+
+
+def test_capture_rejects_unknown_names_and_nesting():
+    module = make_module()
+    with pytest.raises(ValueError, match="not MSDeformAttn modules"):
+        with capture_sampling(module, ["decoder"]):
+            pass
+    with capture_sampling(module):
+        with pytest.raises(RuntimeError, match="already being captured"):
+            with capture_sampling(module):
+                pass

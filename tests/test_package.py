@@ -45,6 +45,7 @@ def test_collect_env_reports_versions_and_kernels():
         "tools/check_dataset.py",
         "tools/export_model.py",
         "tools/convert_official_checkpoint.py",
+        "tools/visualize_sampling.py",
     ],
 )
 def test_scripts_before_setup_print_a_one_line_hint(script):

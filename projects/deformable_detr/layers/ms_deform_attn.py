@@ -1,6 +1,8 @@
 """The multi-scale deformable attention module of Deformable DETR (Zhu et al., 2021)."""
 
 import math
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,18 @@ from torch import nn
 
 from .ms_deform_attn_op import ms_deform_attn
 
-__all__ = ["MSDeformAttn"]
+__all__ = ["MSDeformAttn", "SamplingRecord", "capture_sampling"]
+
+
+class SamplingRecord(NamedTuple):
+    """What one ``MSDeformAttn`` call handed to the op, and the inputs needed to place it."""
+
+    sampling_locations: torch.Tensor  # (N, Lq, M, L, P, 2) (x, y) in [0, 1] of each padded level
+    attention_weights: torch.Tensor  # (N, Lq, M, L, P), summing to 1 over (L, P)
+    reference_points: torch.Tensor  # (N, Lq, L, 2) or (N, Lq, L, 4), as the module received them
+    spatial_shapes: torch.Tensor  # (L, 2) int64 (H, W)
+    level_start_index: torch.Tensor  # (L,) int64
+    padding_mask: Optional[torch.Tensor]  # (N, S) bool, True on padding, or None
 
 
 class MSDeformAttn(nn.Module):
@@ -39,6 +52,8 @@ class MSDeformAttn(nn.Module):
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
+        # Set only inside ``capture_sampling``; one attribute test per call otherwise.
+        self._sampling_recorder = None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -104,6 +119,12 @@ class MSDeformAttn(nn.Module):
                 reference_points[:, :, None, :, None, :2]
                 + sampling_offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5
             )
+        if self._sampling_recorder is not None:
+            self._sampling_recorder(SamplingRecord(
+                sampling_locations.detach(), attention_weights.detach(),
+                reference_points.detach(), input_spatial_shapes, input_level_start_index,
+                input_padding_mask,
+            ))
         output = ms_deform_attn(
             value, input_spatial_shapes, input_level_start_index, sampling_locations,
             attention_weights,
@@ -133,3 +154,45 @@ class MSDeformAttn(nn.Module):
                 f"got shape {tuple(input_padding_mask.shape)}"
             )
         return N, Lq, S
+
+
+@contextmanager
+def capture_sampling(
+    model: nn.Module, module_names: Optional[Sequence[str]] = None
+) -> Iterator[Dict[str, List[SamplingRecord]]]:
+    """
+    Records where the ``MSDeformAttn`` modules of ``model`` sample, for analysis and drawing::
+
+        with capture_sampling(model, ["transformer.decoder.layers.5.cross_attn"]) as records:
+            model(inputs)
+        record = records["transformer.decoder.layers.5.cross_attn"][0]
+
+    Args:
+        model: a module containing ``MSDeformAttn`` modules (or one itself).
+        module_names: names (as in ``model.named_modules()``) of the modules to record; default
+            every ``MSDeformAttn``.
+
+    Yields:
+        dict from module name to the list of its :class:`SamplingRecord`, one per call inside
+        the block. The tensors are the op's own inputs, detached; outputs are unchanged.
+    """
+    attention_modules = {
+        name: module for name, module in model.named_modules() if isinstance(module, MSDeformAttn)
+    }
+    names = list(attention_modules) if module_names is None else list(module_names)
+    unknown = [name for name in names if name not in attention_modules]
+    if unknown:
+        raise ValueError(
+            f"{unknown} are not MSDeformAttn modules of the model; it has {list(attention_modules)}"
+        )
+    busy = [name for name in names if attention_modules[name]._sampling_recorder is not None]
+    if busy:
+        raise RuntimeError(f"{busy} are already being captured by another capture_sampling")
+    records = {name: [] for name in names}
+    try:
+        for name in names:
+            attention_modules[name]._sampling_recorder = records[name].append
+        yield records
+    finally:
+        for name in names:
+            attention_modules[name]._sampling_recorder = None

@@ -27,7 +27,7 @@ def select_detections(
 
     Returns:
         N Instances with ``pred_boxes`` (XYXY absolute, resized-image frame), ``scores``,
-        ``pred_classes``.
+        ``pred_classes`` and ``query_indices`` (the query each detection comes from).
     """
     n, num_queries, num_classes = pred_logits.shape
     # Rank and scale in float32 whatever the autocast dtype of the heads.
@@ -46,13 +46,16 @@ def select_detections(
     for i, (h, w) in enumerate(image_sizes):
         scale = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
         boxes_i, scores_i, labels_i = boxes[i] * scale, scores[i], labels[i]
+        queries_i = query_index[i]
         if use_nms:
             keep = batched_nms(boxes_i, scores_i, labels_i, nms_thresh)
             keep = keep[:detections_per_image]
             boxes_i, scores_i, labels_i = boxes_i[keep], scores_i[keep], labels_i[keep]
+            queries_i = queries_i[keep]
         result = Instances((h, w))
         result.pred_boxes = Boxes(boxes_i)
         result.scores = scores_i
         result.pred_classes = labels_i
+        result.query_indices = queries_i
         results.append(result)
     return results
