@@ -106,9 +106,9 @@ def hf_peer_and_plugin(cfg, device: str):
         encoder_n_points=dd.ENC_N_POINTS,
         decoder_n_points=dd.DEC_N_POINTS,
         num_queries=dd.NUM_QUERIES,
-        two_stage_num_proposals=dd.TWO_STAGE_NUM_PROPOSALS,
+        two_stage_num_proposals=dd.TWO_STAGE.NUM_PROPOSALS,
         with_box_refine=dd.WITH_BOX_REFINE,
-        two_stage=dd.TWO_STAGE,
+        two_stage=dd.TWO_STAGE.ENABLED,
         num_labels=91,
         disable_custom_kernels=True,
     )

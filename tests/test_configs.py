@@ -37,12 +37,12 @@ def test_base_recipe_is_the_official_one():
     assert (dd.NUM_QUERIES, dd.HIDDEN_DIM, dd.NHEADS) == (300, 256, 8)
     assert (dd.ENC_LAYERS, dd.DEC_LAYERS) == (6, 6)
     assert (dd.DIM_FEEDFORWARD, dd.DROPOUT, dd.NUM_FEATURE_LEVELS) == (1024, 0.1, 4)
-    assert (dd.COST_CLASS, dd.COST_BBOX, dd.COST_GIOU) == (2, 5, 2)
-    assert (dd.CLS_LOSS_COEF, dd.BBOX_LOSS_COEF, dd.GIOU_LOSS_COEF) == (2, 5, 2)
-    assert not dd.WITH_BOX_REFINE and not dd.TWO_STAGE
+    assert (dd.MATCHER.COST_CLASS, dd.MATCHER.COST_BBOX, dd.MATCHER.COST_GIOU) == (2, 5, 2)
+    assert (dd.LOSS.CLASS_WEIGHT, dd.LOSS.BBOX_WEIGHT, dd.LOSS.GIOU_WEIGHT) == (2, 5, 2)
+    assert not dd.WITH_BOX_REFINE and not dd.TWO_STAGE.ENABLED
     # The paper: one-to-one matching, plain top-k proposals, no NMS.
-    assert (dd.DECODER_MATCH_REPEATS, dd.ENCODER_MATCH_REPEATS) == (1, 1)
-    assert (dd.TWO_STAGE_PROPOSAL_NMS_THRESH, dd.NMS_THRESH_TEST) == (1.0, 1.0)
+    assert (dd.MATCHER.DECODER_REPEATS, dd.MATCHER.ENCODER_REPEATS) == (1, 1)
+    assert (dd.TWO_STAGE.PROPOSAL_NMS_THRESH, dd.NMS_THRESH_TEST) == (1.0, 1.0)
     assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False and cfg.MODEL.RESNETS.NORM == "FrozenBN"
     assert cfg.MODEL.BACKBONE.FREEZE_AT == 2 and cfg.INPUT.FORMAT == "RGB"
     s = cfg.SOLVER
@@ -64,6 +64,6 @@ def test_variants_differ_only_where_expected():
     assert dc5.MODEL.DEFORMABLE_DETR.NUM_FEATURE_LEVELS == 1
     refine = _load(CONFIGS / "deformable_detr_R50_box_refine_50ep.yaml")
     assert refine.MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE
-    assert not refine.MODEL.DEFORMABLE_DETR.TWO_STAGE
+    assert not refine.MODEL.DEFORMABLE_DETR.TWO_STAGE.ENABLED
     two = _load(CONFIGS / "deformable_detr_R50_two_stage_50ep.yaml")
-    assert two.MODEL.DEFORMABLE_DETR.TWO_STAGE and two.MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE
+    assert two.MODEL.DEFORMABLE_DETR.TWO_STAGE.ENABLED and two.MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE

@@ -28,8 +28,8 @@ def _batch(with_empty=False):
 def _model(variant="multi_scale", **overrides):
     torch.manual_seed(0)
     cfg = tiny_cfg(variant)
-    for key, value in overrides.items():
-        setattr(cfg.MODEL.DEFORMABLE_DETR, key, value)
+    for key, value in overrides.items():  # "KEY" or "NODE.KEY" under MODEL.DEFORMABLE_DETR
+        cfg.merge_from_list([f"MODEL.DEFORMABLE_DETR.{key}", repr(value)])
     return build_model(cfg)
 
 
@@ -181,8 +181,8 @@ def test_inference_nms_removes_duplicates_only_when_enabled():
         _model(NMS_THRESH_TEST=0.0)
 
 
-@pytest.mark.parametrize("key, value", [("ENCODER_MATCH_REPEATS", 4),
-                                        ("TWO_STAGE_PROPOSAL_NMS_THRESH", 0.7)])
+@pytest.mark.parametrize("key, value", [("MATCHER.ENCODER_REPEATS", 4),
+                                        ("TWO_STAGE.PROPOSAL_NMS_THRESH", 0.7)])
 def test_two_stage_options_without_two_stage_are_an_error(key, value):
     with pytest.raises(ValueError, match=key):
         _model("box_refine", **{key: value})
@@ -191,9 +191,9 @@ def test_two_stage_options_without_two_stage_are_an_error(key, value):
 
 def test_one_to_many_without_nms_warns(caplog):
     with caplog.at_level("WARNING", logger="deformable_detr.config"):
-        _model(DECODER_MATCH_REPEATS=2, NMS_THRESH_TEST=0.6)
+        _model(**{"MATCHER.DECODER_REPEATS": 2, "NMS_THRESH_TEST": 0.6})
         assert "NMS_THRESH_TEST" not in caplog.text
-        _model(DECODER_MATCH_REPEATS=2)
+        _model(**{"MATCHER.DECODER_REPEATS": 2})
     assert "set MODEL.DEFORMABLE_DETR.NMS_THRESH_TEST < 1" in caplog.text
 
 

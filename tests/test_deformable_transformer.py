@@ -205,5 +205,5 @@ def test_distinct_topk_proposals_suppress_overlaps_then_fill():
     expected = torch.stack([b[i] for b, i in zip(encoder["pred_boxes"], top)])
     torch.testing.assert_close(references[0][:, :, 0], expected, rtol=1e-5, atol=1e-5)
 
-    with pytest.raises(ValueError, match="TWO_STAGE_PROPOSAL_NMS_THRESH"):
+    with pytest.raises(ValueError, match="TWO_STAGE.PROPOSAL_NMS_THRESH"):
         DeformableTransformer(two_stage=True, two_stage_proposal_nms_thresh=0.0)

@@ -47,7 +47,7 @@ def _model(variant):
     # "+distinct": two-stage queries picked after proposal NMS (a data-dependent op).
     cfg = tiny_cfg(variant.removesuffix("+distinct"))
     if variant.endswith("+distinct"):
-        cfg.MODEL.DEFORMABLE_DETR.TWO_STAGE_PROPOSAL_NMS_THRESH = PROPOSAL_NMS_THRESH
+        cfg.MODEL.DEFORMABLE_DETR.TWO_STAGE.PROPOSAL_NMS_THRESH = PROPOSAL_NMS_THRESH
     model = build_model(cfg).eval()
     _randomize_heads(model)
     if variant.endswith("+distinct"):
@@ -64,7 +64,7 @@ def _demo_model():
     cfg = get_cfg()
     add_deformable_detr_config(cfg)
     cfg.merge_from_file(str(CONFIGS / "demo" / "deformable_detr_mnv2_trees.yaml"))
-    cfg.MODEL.DEFORMABLE_DETR.NUM_QUERIES = cfg.MODEL.DEFORMABLE_DETR.TWO_STAGE_NUM_PROPOSALS = 50
+    cfg.MODEL.DEFORMABLE_DETR.NUM_QUERIES = cfg.MODEL.DEFORMABLE_DETR.TWO_STAGE.NUM_PROPOSALS = 50
     model = build_model(cfg).eval()
     _randomize_heads(model)
     return model
@@ -213,7 +213,7 @@ def trained_weights(tmp_path):
     trained = _model("two_stage+distinct")
     AtomicDetectionCheckpointer(trained, save_dir=str(tmp_path)).save("weights")
     cfg = tiny_cfg("two_stage")
-    cfg.MODEL.DEFORMABLE_DETR.TWO_STAGE_PROPOSAL_NMS_THRESH = PROPOSAL_NMS_THRESH
+    cfg.MODEL.DEFORMABLE_DETR.TWO_STAGE.PROPOSAL_NMS_THRESH = PROPOSAL_NMS_THRESH
     return trained, write_config(cfg, tmp_path / "config.yaml"), str(tmp_path / "weights.pth")
 
 

@@ -43,7 +43,7 @@ def tiny_cfg(variant: str = "multi_scale"):
     dd.DEC_LAYERS = 2
     dd.DIM_FEEDFORWARD = 64
     dd.NUM_QUERIES = 12
-    dd.TWO_STAGE_NUM_PROPOSALS = 12
+    dd.TWO_STAGE.NUM_PROPOSALS = 12
     cfg.INPUT.MIN_SIZE_TRAIN = (64, 80)
     cfg.INPUT.MAX_SIZE_TRAIN = 128
     cfg.INPUT.MIN_SIZE_TEST = 96
@@ -117,6 +117,6 @@ def official_head_keys(key, cfg):
     kind, index, rest = re.match(r"^(class|bbox)_embed\.(\d+)\.(.+)$", key).groups()
     indices = [int(index)] if dd.WITH_BOX_REFINE else range(dd.DEC_LAYERS)
     keys = [f"{kind}_embed.{i}.{rest}" for i in indices]
-    if (kind == "bbox" and dd.WITH_BOX_REFINE) or (kind == "class" and dd.TWO_STAGE):
+    if (kind == "bbox" and dd.WITH_BOX_REFINE) or (kind == "class" and dd.TWO_STAGE.ENABLED):
         keys += ["transformer.decoder." + k for k in keys]
     return keys

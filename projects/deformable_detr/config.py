@@ -43,34 +43,40 @@ def add_deformable_detr_config(cfg):
     _C.DEC_N_POINTS = 4
     # Iterative bounding box refinement: one box/class head per decoder layer.
     _C.WITH_BOX_REFINE = False
-    # Two-stage variant: queries initialised from the encoder's top-scoring proposals.
-    _C.TWO_STAGE = False
-    # Proposals kept by the first stage of the two-stage variant (official: = NUM_QUERIES).
-    _C.TWO_STAGE_NUM_PROPOSALS = 300
-    # Class-agnostic NMS IoU threshold applied to the encoder proposals before that top-k, so the
-    # queries are distinct (DDQ-DETR); 1.0 is the paper's plain top-k.
-    _C.TWO_STAGE_PROPOSAL_NMS_THRESH = 1.0
-    # Supervise every decoder layer (auxiliary losses).
-    _C.AUX_LOSS = True
-    # Matching cost weights of the Hungarian matcher.
-    _C.COST_CLASS = 2.0
-    _C.COST_BBOX = 5.0
-    _C.COST_GIOU = 2.0
-    # Loss weights: focal classification, L1 box, GIoU box.
-    _C.CLS_LOSS_COEF = 2.0
-    _C.BBOX_LOSS_COEF = 5.0
-    _C.GIOU_LOSS_COEF = 2.0
-    # Predictions matched to each target, per decoder layer and for the two-stage encoder
-    # proposals: 1 is the paper's one-to-one matching; k > 1 matches one-to-many (more positives,
-    # faster training on small data) and then needs NMS_THRESH_TEST < 1.
-    _C.DECODER_MATCH_REPEATS = 1
-    _C.ENCODER_MATCH_REPEATS = 1
-    # Sigmoid focal loss parameters (used by both the loss and the matching cost).
-    _C.FOCAL_ALPHA = 0.25
-    _C.FOCAL_GAMMA = 2.0
     # Per-class NMS IoU threshold at inference. 1.0 keeps the set prediction as it is (the paper,
     # no NMS); below 1 it removes the duplicates a briefly trained model still predicts.
     _C.NMS_THRESH_TEST = 1.0
+
+    _C.TWO_STAGE = CN()
+    # Two-stage variant: queries initialised from the encoder's top-scoring proposals.
+    _C.TWO_STAGE.ENABLED = False
+    # Proposals kept by the first stage (official: = NUM_QUERIES).
+    _C.TWO_STAGE.NUM_PROPOSALS = 300
+    # Class-agnostic NMS IoU threshold applied to the encoder proposals before that top-k, so the
+    # queries are distinct (DDQ-DETR); 1.0 is the paper's plain top-k.
+    _C.TWO_STAGE.PROPOSAL_NMS_THRESH = 1.0
+
+    _C.MATCHER = CN()
+    # Matching cost weights of the Hungarian matcher.
+    _C.MATCHER.COST_CLASS = 2.0
+    _C.MATCHER.COST_BBOX = 5.0
+    _C.MATCHER.COST_GIOU = 2.0
+    # Predictions matched to each target, per decoder layer and for the two-stage encoder
+    # proposals: 1 is the paper's one-to-one matching; k > 1 matches one-to-many (more positives,
+    # faster training on small data) and then needs NMS_THRESH_TEST < 1.
+    _C.MATCHER.DECODER_REPEATS = 1
+    _C.MATCHER.ENCODER_REPEATS = 1
+
+    _C.LOSS = CN()
+    # Loss weights: focal classification, L1 box, GIoU box.
+    _C.LOSS.CLASS_WEIGHT = 2.0
+    _C.LOSS.BBOX_WEIGHT = 5.0
+    _C.LOSS.GIOU_WEIGHT = 2.0
+    # Sigmoid focal loss parameters (used by both the loss and the matching cost).
+    _C.LOSS.FOCAL_ALPHA = 0.25
+    _C.LOSS.FOCAL_GAMMA = 2.0
+    # Supervise every decoder layer (auxiliary losses).
+    _C.LOSS.AUX_LOSS = True
     # Backbone features fed to the neck, from high to low resolution.
     _C.IN_FEATURES = ["res3", "res4", "res5"]
     # Name of the neck in DEFORMABLE_DETR_NECK_REGISTRY.
@@ -110,20 +116,20 @@ def check_deformable_detr_config(cfg) -> None:
         raise ValueError(
             f"MODEL.DEFORMABLE_DETR.NMS_THRESH_TEST must be in (0, 1], got {dd.NMS_THRESH_TEST}"
         )
-    if dd.TWO_STAGE and not dd.WITH_BOX_REFINE:
+    if dd.TWO_STAGE.ENABLED and not dd.WITH_BOX_REFINE:
         raise ValueError(
-            "MODEL.DEFORMABLE_DETR.TWO_STAGE True requires WITH_BOX_REFINE True (as the official "
-            "code: with_box_refine=True is needed by two_stage)"
+            "MODEL.DEFORMABLE_DETR.TWO_STAGE.ENABLED True requires WITH_BOX_REFINE True (as the "
+            "official code: with_box_refine=True is needed by two_stage)"
         )
-    if not dd.TWO_STAGE and (
-        dd.ENCODER_MATCH_REPEATS > 1 or dd.TWO_STAGE_PROPOSAL_NMS_THRESH < 1.0
+    if not dd.TWO_STAGE.ENABLED and (
+        dd.MATCHER.ENCODER_REPEATS > 1 or dd.TWO_STAGE.PROPOSAL_NMS_THRESH < 1.0
     ):
         raise ValueError(
-            "ENCODER_MATCH_REPEATS and TWO_STAGE_PROPOSAL_NMS_THRESH act on the two-stage "
-            "encoder proposals: set MODEL.DEFORMABLE_DETR.TWO_STAGE True or leave them at 1"
+            "MATCHER.ENCODER_REPEATS and TWO_STAGE.PROPOSAL_NMS_THRESH act on the two-stage "
+            "encoder proposals: set MODEL.DEFORMABLE_DETR.TWO_STAGE.ENABLED True or leave them at 1"
         )
-    if dd.DECODER_MATCH_REPEATS > 1 and dd.NMS_THRESH_TEST == 1.0:
+    if dd.MATCHER.DECODER_REPEATS > 1 and dd.NMS_THRESH_TEST == 1.0:
         logger.warning(
-            "DECODER_MATCH_REPEATS > 1 trains the model to predict every object several "
+            "MATCHER.DECODER_REPEATS > 1 trains the model to predict every object several "
             "times; set MODEL.DEFORMABLE_DETR.NMS_THRESH_TEST < 1 to remove the duplicates"
         )

@@ -150,7 +150,7 @@ def check_config(cfg, variant: DetectedVariant) -> List[str]:
         "NUM_FEATURE_LEVELS": (dd.NUM_FEATURE_LEVELS, variant.num_feature_levels),
         "IN_FEATURES (its length)": (len(dd.IN_FEATURES), variant.num_backbone_levels),
         "WITH_BOX_REFINE": (dd.WITH_BOX_REFINE, variant.with_box_refine),
-        "TWO_STAGE": (dd.TWO_STAGE, variant.two_stage),
+        "TWO_STAGE.ENABLED": (dd.TWO_STAGE.ENABLED, variant.two_stage),
         "ENC_LAYERS": (dd.ENC_LAYERS, variant.num_encoder_layers),
         "DEC_LAYERS": (dd.DEC_LAYERS, variant.num_decoder_layers),
         "HIDDEN_DIM": (dd.HIDDEN_DIM, variant.hidden_dim),

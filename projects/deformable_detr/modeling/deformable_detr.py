@@ -111,27 +111,27 @@ class DeformableDETR(nn.Module):
             num_feature_levels=dd.NUM_FEATURE_LEVELS,
             dec_n_points=dd.DEC_N_POINTS,
             enc_n_points=dd.ENC_N_POINTS,
-            two_stage=dd.TWO_STAGE,
-            two_stage_num_proposals=dd.TWO_STAGE_NUM_PROPOSALS,
-            two_stage_proposal_nms_thresh=dd.TWO_STAGE_PROPOSAL_NMS_THRESH,
+            two_stage=dd.TWO_STAGE.ENABLED,
+            two_stage_num_proposals=dd.TWO_STAGE.NUM_PROPOSALS,
+            two_stage_proposal_nms_thresh=dd.TWO_STAGE.PROPOSAL_NMS_THRESH,
         )
         matcher = HungarianMatcher(
-            cost_class=dd.COST_CLASS,
-            cost_bbox=dd.COST_BBOX,
-            cost_giou=dd.COST_GIOU,
-            focal_alpha=dd.FOCAL_ALPHA,
-            focal_gamma=dd.FOCAL_GAMMA,
+            cost_class=dd.MATCHER.COST_CLASS,
+            cost_bbox=dd.MATCHER.COST_BBOX,
+            cost_giou=dd.MATCHER.COST_GIOU,
+            focal_alpha=dd.LOSS.FOCAL_ALPHA,
+            focal_gamma=dd.LOSS.FOCAL_GAMMA,
         )
         weight_dict = {
-            "loss_ce": dd.CLS_LOSS_COEF,
-            "loss_bbox": dd.BBOX_LOSS_COEF,
-            "loss_giou": dd.GIOU_LOSS_COEF,
+            "loss_ce": dd.LOSS.CLASS_WEIGHT,
+            "loss_bbox": dd.LOSS.BBOX_WEIGHT,
+            "loss_giou": dd.LOSS.GIOU_WEIGHT,
         }
         criterion = SetCriterion(
-            dd.NUM_CLASSES, matcher, weight_dict, focal_alpha=dd.FOCAL_ALPHA,
-            focal_gamma=dd.FOCAL_GAMMA,
-            decoder_match_repeats=dd.DECODER_MATCH_REPEATS,
-            encoder_match_repeats=dd.ENCODER_MATCH_REPEATS,
+            dd.NUM_CLASSES, matcher, weight_dict, focal_alpha=dd.LOSS.FOCAL_ALPHA,
+            focal_gamma=dd.LOSS.FOCAL_GAMMA,
+            decoder_match_repeats=dd.MATCHER.DECODER_REPEATS,
+            encoder_match_repeats=dd.MATCHER.ENCODER_REPEATS,
         )
         return {
             "backbone": backbone,
@@ -142,9 +142,9 @@ class DeformableDETR(nn.Module):
             "num_queries": dd.NUM_QUERIES,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
-            "aux_loss": dd.AUX_LOSS,
+            "aux_loss": dd.LOSS.AUX_LOSS,
             "with_box_refine": dd.WITH_BOX_REFINE,
-            "two_stage": dd.TWO_STAGE,
+            "two_stage": dd.TWO_STAGE.ENABLED,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "nms_thresh_test": dd.NMS_THRESH_TEST,
         }

@@ -263,7 +263,7 @@ class DeformableTransformer(nn.Module):
         super().__init__()
         if not 0.0 < two_stage_proposal_nms_thresh <= 1.0:
             raise ValueError(
-                "MODEL.DEFORMABLE_DETR.TWO_STAGE_PROPOSAL_NMS_THRESH must be in (0, 1], got "
+                "MODEL.DEFORMABLE_DETR.TWO_STAGE.PROPOSAL_NMS_THRESH must be in (0, 1], got "
                 f"{two_stage_proposal_nms_thresh}"
             )
         self.d_model = d_model
