@@ -16,32 +16,19 @@ import time
 try:
     import cv2
     import numpy as np
-    from detectron2.config import get_cfg
     from detectron2.data import MetadataCatalog
     from detectron2.data.detection_utils import read_image
     from detectron2.engine import DefaultPredictor
     from detectron2.utils.logger import setup_logger
     from detectron2.utils.visualizer import ColorMode, Visualizer
 
-    from deformable_detr import add_deformable_detr_config
-    from deformable_detr.data.user_coco import setup_user_coco
+    from deformable_detr.engine import inference_config
+    from deformable_detr.errors import UserInputError
 except ImportError as e:
     sys.exit(f"demo.py: {e}. Run `make setup` (or use .venv/bin/python).")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
-
-
-def setup_cfg(args):
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    # Class names of datasets given as DATASETS.COCO_TRAIN/COCO_TEST (e.g. a saved config.yaml).
-    setup_user_coco(cfg)
-    cfg.MODEL.DEVICE = args.device or cfg.MODEL.DEVICE
-    cfg.freeze()
-    return cfg
 
 
 def get_parser():
@@ -133,7 +120,10 @@ def run_video(predictor, metadata, path, output, threshold):
 
 def main(args):
     logger = setup_logger(name="demo")
-    cfg = setup_cfg(args)
+    try:
+        cfg = inference_config(args.config_file, args.opts, args.device)
+    except UserInputError as error:
+        sys.exit(f"demo.py: error: {error}")
     predictor = DefaultPredictor(cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     if len(args.input) == 1 and args.input[0].lower().endswith(VIDEO_EXTENSIONS):

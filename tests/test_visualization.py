@@ -258,7 +258,7 @@ def test_tool_missing_files_are_clear_errors(tmp_path):
         main(["--config-file", config, "--input", missing, "--output", str(tmp_path / "out")])
     image_path = tmp_path / "scene.png"
     Image.fromarray(synthetic_scenes(1)[0][0]).save(image_path)
-    with pytest.raises(SystemExit, match="MODEL.WEIGHTS .*nowhere.pth does not exist"):
+    with pytest.raises(SystemExit, match="MODEL.WEIGHTS .*nowhere.pth.? does not exist"):
         main(["--config-file", config, "--input", str(image_path), "--output",
               str(tmp_path / "out"), "MODEL.WEIGHTS", str(tmp_path / "nowhere.pth")])
     assert not (tmp_path / "out").exists()

@@ -37,12 +37,12 @@ import os
 import sys
 
 try:
-    from detectron2.config import get_cfg
     from detectron2.data import DatasetCatalog
     from detectron2.modeling import build_model
 
-    from deformable_detr import add_deformable_detr_config
     from deformable_detr.checkpoint import AtomicDetectionCheckpointer
+    from deformable_detr.engine import inference_config
+    from deformable_detr.errors import UserInputError
     from deformable_detr.export import (
         EXPORTERS,
         ExportMismatchError,
@@ -121,21 +121,16 @@ def check_batches(cfg, model, args, size, fixed_size):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not os.path.isfile(args.config_file):
-        sys.exit(f"export_model.py: config file {args.config_file!r} does not exist")
     if args.format == "torch_export" and not args.output.endswith(".pt2"):
         sys.exit(f"export_model.py: a torch_export file is named *.pt2, got {args.output!r}")
     for path in args.check_image:
         if not os.path.isfile(path):
             sys.exit(f"export_model.py: --check-image {path!r} does not exist")
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.DEVICE = "cpu"  # exported on CPU; torch.export programs can be moved afterwards
-    cfg.freeze()
-    if cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
-        sys.exit(f"export_model.py: MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} does not exist")
+    try:
+        # Exported on CPU; torch.export programs can be moved afterwards.
+        cfg = inference_config(args.config_file, args.opts, device="cpu")
+    except UserInputError as error:
+        sys.exit(f"export_model.py: {error}")
 
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:

@@ -16,12 +16,11 @@ import os
 import sys
 
 try:
-    from detectron2.config import get_cfg
     from detectron2.data import MetadataCatalog
     from detectron2.data.detection_utils import read_image
 
-    from deformable_detr import add_deformable_detr_config
-    from deformable_detr.data.user_coco import setup_user_coco
+    from deformable_detr.engine import inference_config
+    from deformable_detr.errors import UserInputError
     from deformable_detr.visualization import (
         SamplingPredictor,
         mean_inside_box_share,
@@ -53,27 +52,15 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def setup_cfg(args):
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    setup_user_coco(cfg)
-    cfg.MODEL.DEVICE = args.device or cfg.MODEL.DEVICE
-    cfg.freeze()
-    return cfg
-
-
 def main(argv=None):
     args = parse_args(argv)
     for path in [args.config_file, *args.input]:
         if not os.path.isfile(path):
             sys.exit(f"visualize_sampling.py: no such file: {path}")
-    cfg = setup_cfg(args)
-    if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(
-        cfg.MODEL.WEIGHTS
-    ):
-        sys.exit(f"visualize_sampling.py: MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} does not exist")
+    try:
+        cfg = inference_config(args.config_file, args.opts, args.device)
+    except UserInputError as error:
+        sys.exit(f"visualize_sampling.py: {error}")
     predictor = SamplingPredictor(cfg)
     class_names = (
         MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes") if cfg.DATASETS.TEST

@@ -33,6 +33,7 @@ __all__ = [
     "build_train_loop",
     "check_losses_finite",
     "create_ddp_model",
+    "inference_config",
     "load_config",
     "setup",
 ]
@@ -180,6 +181,17 @@ def load_config(config_file: str, opts=()):
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not os.path.isfile(weights):
         raise UserInputError(f"MODEL.WEIGHTS {weights!r} does not exist")
+    return cfg
+
+
+def inference_config(config_file: str, opts=(), device: str = None):
+    """The frozen config of an inference tool (``demo.py``, ``tools/*``): :func:`load_config`,
+    the class names of user COCO datasets (e.g. from a saved config.yaml) and ``device``
+    instead of ``MODEL.DEVICE`` when given."""
+    cfg = load_config(config_file, opts)
+    setup_user_coco(cfg)
+    cfg.MODEL.DEVICE = device or cfg.MODEL.DEVICE
+    cfg.freeze()
     return cfg
 
 
