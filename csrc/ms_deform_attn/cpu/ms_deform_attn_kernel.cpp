@@ -19,7 +19,6 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <type_traits>
@@ -93,102 +92,118 @@ Sizes sizes_of(const at::Tensor& value, const at::Tensor& sampling_locations) {
           sampling_locations.size(1), sampling_locations.size(3), sampling_locations.size(4)};
 }
 
-// The level of each of a query-head's L * P samples, so that the geometry loop runs over the
-// samples without an inner loop over levels (and vectorizes).
+// Samples are processed in vectors of Vectorized<opmath_t>::size(); the per-sample arrays below
+// are padded to a whole number of vectors.
+template <typename opmath_t>
+int64_t padded_samples(int64_t samples) {
+  constexpr int64_t width = Vectorized<opmath_t>::size();
+  return (samples + width - 1) / width * width;
+}
+
+// The level of each of a query-head's L * P samples (sample i = p + P * l), so that the geometry
+// runs over the samples without an inner loop over levels.
 template <typename opmath_t>
 struct SampleLevels {
+  using int_t = at::vec::int_same_size_t<opmath_t>;
+
   SampleLevels(const int64_t* spatial_shapes, const int64_t* level_start_index, const Sizes& s)
-      : width(std::make_unique<opmath_t[]>(s.L * s.P)),
-        height(std::make_unique<opmath_t[]>(s.L * s.P)),
-        width_int(std::make_unique<int32_t[]>(s.L * s.P)),
-        height_int(std::make_unique<int32_t[]>(s.L * s.P)),
-        start(std::make_unique<int32_t[]>(s.L * s.P)) {
-    for (int64_t i = 0; i < s.L * s.P; ++i) {
+      : width(std::make_unique<opmath_t[]>(padded_samples<opmath_t>(s.L * s.P))),
+        height(std::make_unique<opmath_t[]>(padded_samples<opmath_t>(s.L * s.P))),
+        width_int(std::make_unique<int_t[]>(padded_samples<opmath_t>(s.L * s.P))),
+        start(std::make_unique<int_t[]>(padded_samples<opmath_t>(s.L * s.P))) {
+    for (int64_t i = 0; i < padded_samples<opmath_t>(s.L * s.P); ++i) {
       const int64_t l = i / s.P;
-      width[i] = width_int[i] = static_cast<int32_t>(spatial_shapes[2 * l + 1]);
-      height[i] = height_int[i] = static_cast<int32_t>(spatial_shapes[2 * l]);
-      start[i] = static_cast<int32_t>(level_start_index[l]);
+      // padding lanes get W = H = -1, which no location is inside
+      const bool padding = l >= s.L;
+      width[i] = padding ? -1 : spatial_shapes[2 * l + 1];
+      height[i] = padding ? -1 : spatial_shapes[2 * l];
+      width_int[i] = padding ? -1 : spatial_shapes[2 * l + 1];
+      start[i] = padding ? 0 : level_start_index[l];
     }
   }
+
   std::unique_ptr<opmath_t[]> width, height;
-  std::unique_ptr<int32_t[]> width_int, height_int, start;
+  std::unique_ptr<int_t[]> width_int, start;
 };
 
-// The bilinear corners of one query-head's samples, as arrays indexed j = k * samples + i for
-// corner k of sample i: its position in S (`row`), whether it is in the map (`valid`) and its
-// coefficient (attention weight times bilinear weight). Outside the map a corner has zero
-// padding, so invalid corners are skipped (reading them would turn an infinite value into NaN).
+// The bilinear corners of one query-head's samples, as arrays indexed j = k * stride + i for
+// corner k (top-left, top-right, bottom-left, bottom-right) of sample i: its position in S
+// (`row`), whether it lies in the map (`valid`, 1 or 0) and its coefficient (attention weight
+// times bilinear weight). Corners outside are zero padding and skipped: reading them instead
+// would turn an infinite value into NaN.
 template <typename opmath_t>
 struct SampleGeometry {
+  using int_t = at::vec::int_same_size_t<opmath_t>;
+
   explicit SampleGeometry(int64_t samples)
-      : row(std::make_unique<int32_t[]>(4 * samples)),
-        valid(std::make_unique<int32_t[]>(4 * samples)),
-        coefficient(std::make_unique<opmath_t[]>(4 * samples)),
-        lw(std::make_unique<opmath_t[]>(samples)),
-        lh(std::make_unique<opmath_t[]>(samples)) {}
-  std::unique_ptr<int32_t[]> row, valid;
-  std::unique_ptr<opmath_t[]> coefficient;
+      : stride(padded_samples<opmath_t>(samples)),
+        row(std::make_unique<int_t[]>(4 * stride)),
+        valid(std::make_unique<opmath_t[]>(4 * stride)),
+        coefficient(std::make_unique<opmath_t[]>(4 * stride)),
+        lw(std::make_unique<opmath_t[]>(stride)),
+        lh(std::make_unique<opmath_t[]>(stride)) {}
+
+  int64_t stride;
+  std::unique_ptr<int_t[]> row;
+  std::unique_ptr<opmath_t[]> valid, coefficient;
   std::unique_ptr<opmath_t[]> lw, lh; // fractional part of x and y
 };
 
-// Branch-free so that the compiler vectorizes it over the samples; the same geometry as
-// bilinear_corners (bilinear.h), which the CUDA kernels use.
+// The geometry of bilinear_corners (bilinear.h, which the CUDA kernels use), a vector of samples
+// at a time. loc: (samples, 2) (x, y); attn: (samples,).
 template <typename opmath_t>
 inline void compute_geometry(
-    const opmath_t* __restrict__ loc,
-    const opmath_t* __restrict__ attn,
+    const opmath_t* loc,
+    const opmath_t* attn,
     const SampleLevels<opmath_t>& levels,
     int64_t samples,
     SampleGeometry<opmath_t>& g) {
-  const opmath_t* __restrict__ width = levels.width.get();
-  const opmath_t* __restrict__ height = levels.height.get();
-  const int32_t* __restrict__ width_int = levels.width_int.get();
-  const int32_t* __restrict__ height_int = levels.height_int.get();
-  const int32_t* __restrict__ start = levels.start.get();
-  int32_t* __restrict__ row = g.row.get();
-  int32_t* __restrict__ valid = g.valid.get();
-  opmath_t* __restrict__ coefficient = g.coefficient.get();
-  opmath_t* __restrict__ lw_out = g.lw.get();
-  opmath_t* __restrict__ lh_out = g.lh.get();
-  for (int64_t i = 0; i < samples; ++i) {
+  using Vec = Vectorized<opmath_t>;
+  using IVec = Vectorized<at::vec::int_same_size_t<opmath_t>>;
+  constexpr int64_t width = Vec::size();
+  const Vec zero(0), one(1), minus_one(-1), half(0.5);
+  for (int64_t i = 0; i < samples; i += width) {
+    // partial loads fill the padding lanes with zeros
+    const int64_t coordinates = 2 * std::min(width, samples - i);
+    const auto [loc_x, loc_y] = at::vec::deinterleave2(
+        Vec::loadu(loc + 2 * i, std::min(width, coordinates)),
+        Vec::loadu(loc + 2 * i + width, std::max<int64_t>(0, coordinates - width)));
+    const Vec W = Vec::loadu(levels.width.get() + i);
+    const Vec H = Vec::loadu(levels.height.get() + i);
     // pixel centers at integer coordinates (align_corners=False)
-    const opmath_t x = loc[2 * i] * width[i] - opmath_t(0.5);
-    const opmath_t y = loc[2 * i + 1] * height[i] - opmath_t(0.5);
-    // written so that NaN locations fail as well
-    const bool inside = x > -1 && y > -1 && x < width[i] && y < height[i];
+    const Vec x = loc_x * W - half;
+    const Vec y = loc_y * H - half;
+    // comparisons with NaN are false, so NaN locations are outside too
+    const Vec inside = (x > minus_one) & (y > minus_one) & (x < W) & (y < H);
     // samples outside move to (0, 0), so the integer conversion below stays defined
-    const opmath_t xs = inside ? x : opmath_t(0);
-    const opmath_t ys = inside ? y : opmath_t(0);
-    const opmath_t x_floor = std::floor(xs), y_floor = std::floor(ys);
-    const int32_t x0 = static_cast<int32_t>(x_floor), y0 = static_cast<int32_t>(y_floor);
-    const opmath_t lw = xs - x_floor, lh = ys - y_floor, hw = 1 - lw, hh = 1 - lh;
-    const opmath_t a = attn[i];
-    const bool in_x0 = x0 >= 0, in_x1 = x0 + 1 < width_int[i];
-    const bool in_y0 = inside && y0 >= 0, in_y1 = inside && y0 + 1 < height_int[i];
-    const int32_t row00 = start[i] + y0 * width_int[i] + x0;
-    row[i] = row00;
-    row[samples + i] = row00 + 1;
-    row[2 * samples + i] = row00 + width_int[i];
-    row[3 * samples + i] = row00 + width_int[i] + 1;
-    valid[i] = in_y0 && in_x0;
-    valid[samples + i] = in_y0 && in_x1;
-    valid[2 * samples + i] = in_y1 && in_x0;
-    valid[3 * samples + i] = in_y1 && in_x1;
-    coefficient[i] = a * hh * hw;
-    coefficient[samples + i] = a * hh * lw;
-    coefficient[2 * samples + i] = a * lh * hw;
-    coefficient[3 * samples + i] = a * lh * lw;
-    lw_out[i] = lw;
-    lh_out[i] = lh;
+    const Vec xs = Vec::blendv(zero, x, inside);
+    const Vec ys = Vec::blendv(zero, y, inside);
+    const Vec x_floor = xs.floor(), y_floor = ys.floor();
+    const Vec lw = xs - x_floor, lh = ys - y_floor, hw = one - lw, hh = one - lh;
+    const Vec in_x0 = x_floor >= zero, in_x1 = x_floor + one < W;
+    const Vec in_y0 = inside & (y_floor >= zero), in_y1 = inside & (y_floor + one < H);
+    (in_y0 & in_x0 & one).store(g.valid.get() + i);
+    (in_y0 & in_x1 & one).store(g.valid.get() + g.stride + i);
+    (in_y1 & in_x0 & one).store(g.valid.get() + 2 * g.stride + i);
+    (in_y1 & in_x1 & one).store(g.valid.get() + 3 * g.stride + i);
+    const Vec a = Vec::loadu(attn + i, std::min(width, samples - i));
+    (a * hh * hw).store(g.coefficient.get() + i);
+    (a * hh * lw).store(g.coefficient.get() + g.stride + i);
+    (a * lh * hw).store(g.coefficient.get() + 2 * g.stride + i);
+    (a * lh * lw).store(g.coefficient.get() + 3 * g.stride + i);
+    lw.store(g.lw.get() + i);
+    lh.store(g.lh.get() + i);
+    const IVec W_int = IVec::loadu(levels.width_int.get() + i);
+    const IVec row00 = IVec::loadu(levels.start.get() + i) +
+        at::vec::convert_to_int_of_same_size(y_floor) * W_int +
+        at::vec::convert_to_int_of_same_size(x_floor);
+    const IVec row10 = row00 + W_int;
+    row00.store(g.row.get() + i);
+    (row00 + IVec(1)).store(g.row.get() + g.stride + i);
+    row10.store(g.row.get() + 2 * g.stride + i);
+    (row10 + IVec(1)).store(g.row.get() + 3 * g.stride + i);
   }
 }
-
-// One valid corner of the forward's list.
-template <typename opmath_t>
-struct Corner {
-  int64_t offset; // of the corner's row from the head's first row
-  opmath_t coefficient;
-};
 
 template <typename scalar_t>
 void forward_kernel(
@@ -207,21 +222,22 @@ void forward_kernel(
   const int64_t grain = std::max<int64_t>(1, 2048 / (samples * s.D + 1));
   at::parallel_for(0, s.N * s.Lq * s.M, grain, [&](int64_t begin, int64_t end) {
     SampleGeometry<opmath_t> g(samples);
-    const auto corners = std::make_unique<Corner<opmath_t>[]>(4 * samples);
+    // the row each corner reads: its row of value, or zeros outside the map
+    const auto rows = std::make_unique<const scalar_t*[]>(4 * g.stride);
+    const auto zeros = std::make_unique<scalar_t[]>(s.D);
     for (int64_t qh = begin; qh < end; ++qh) {
       const int64_t m = qh % s.M;
       const int64_t n = qh / (s.Lq * s.M);
       compute_geometry(
           sampling_locations + qh * samples * 2, attention_weights + qh * samples, levels,
           samples, g);
-      int64_t count = 0;
-      for (int64_t j = 0; j < 4 * samples; ++j) {
-        corners[count] = {g.row[j] * row_stride, g.coefficient[j]};
-        count += g.valid[j];
-      }
       const scalar_t* value_head = value + n * s.S * row_stride + m * s.D;
+      const int64_t corners = 4 * g.stride; // even: whole vectors of samples
+      for (int64_t j = 0; j < corners; ++j) {
+        rows[j] = g.valid[j] != 0 ? value_head + g.row[j] * row_stride : zeros.get();
+      }
+      const opmath_t* coefficients = g.coefficient.get();
       scalar_t* out = output + qh * s.D;
-      const Corner<opmath_t>* first = corners.get();
       const int64_t tail = for_each_channel_block<opmath_t>(s.D, [&](int64_t d, auto vectors) {
         constexpr int kVectors = decltype(vectors)::value;
         // two independent sums halve the chain of dependent multiply-adds
@@ -229,22 +245,14 @@ void forward_kernel(
         for (int v = 0; v < kVectors; ++v) {
           sum[0][v] = sum[1][v] = Vec(opmath_t(0));
         }
-        int64_t c = 0;
-        for (; c + 1 < count; c += 2) {
+        for (int64_t j = 0; j < corners; j += 2) {
           for (int half = 0; half < 2; ++half) {
-            const scalar_t* row = value_head + first[c + half].offset + d;
-            const Vec coefficient(first[c + half].coefficient);
+            const scalar_t* row = rows[j + half] + d;
+            const Vec coefficient(coefficients[j + half]);
             for (int v = 0; v < kVectors; ++v) {
               sum[half][v] =
                   at::vec::fmadd(coefficient, load_opmath(row + v * Vec::size()), sum[half][v]);
             }
-          }
-        }
-        if (c < count) {
-          const scalar_t* row = value_head + first[c].offset + d;
-          const Vec coefficient(first[c].coefficient);
-          for (int v = 0; v < kVectors; ++v) {
-            sum[0][v] = at::vec::fmadd(coefficient, load_opmath(row + v * Vec::size()), sum[0][v]);
           }
         }
         for (int v = 0; v < kVectors; ++v) {
@@ -253,8 +261,8 @@ void forward_kernel(
       });
       for (int64_t d = tail; d < s.D; ++d) {
         opmath_t sum = 0;
-        for (int64_t c = 0; c < count; ++c) {
-          sum += first[c].coefficient * static_cast<opmath_t>(value_head[first[c].offset + d]);
+        for (int64_t j = 0; j < corners; ++j) {
+          sum += coefficients[j] * static_cast<opmath_t>(rows[j][d]);
         }
         out[d] = static_cast<scalar_t>(sum);
       }
@@ -298,7 +306,7 @@ void backward_kernel(
   at::parallel_for(0, s.N * tasks_per_batch, 1, [&](int64_t begin, int64_t end) {
     SampleGeometry<opmath_t> g(samples);
     // dots[j]: grad_output . the value row of corner j (0 when invalid)
-    const auto dots = std::make_unique<opmath_t[]>(4 * samples);
+    const auto dots = std::make_unique<opmath_t[]>(4 * g.stride);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / tasks_per_batch;
       const int64_t first_head = (task % tasks_per_batch) * heads_per_task;
@@ -308,7 +316,7 @@ void backward_kernel(
           const opmath_t* loc = sampling_locations + qh * samples * 2;
           const opmath_t* attn = attention_weights + qh * samples;
           compute_geometry(loc, attn, levels, samples, g);
-          std::fill(dots.get(), dots.get() + 4 * samples, opmath_t(0));
+          std::fill(dots.get(), dots.get() + 4 * g.stride, opmath_t(0));
           const scalar_t* value_head = value + n * s.S * row_stride + m * s.D;
           opmath_t* grad_value_head = grad_value + n * s.S * row_stride + m * s.D;
           const scalar_t* go = grad_output + qh * s.D;
@@ -318,8 +326,8 @@ void backward_kernel(
             for (int v = 0; v < kVectors; ++v) {
               g_out[v] = load_opmath(go + d + v * Vec::size());
             }
-            for (int64_t j = 0; j < 4 * samples; ++j) {
-              if (!g.valid[j]) {
+            for (int64_t j = 0; j < 4 * g.stride; ++j) {
+              if (g.valid[j] == 0) {
                 continue;
               }
               const int64_t offset = g.row[j] * row_stride + d;
@@ -339,8 +347,8 @@ void backward_kernel(
           });
           for (int64_t d = tail; d < s.D; ++d) {
             const opmath_t go_d = go[d];
-            for (int64_t j = 0; j < 4 * samples; ++j) {
-              if (g.valid[j]) {
+            for (int64_t j = 0; j < 4 * g.stride; ++j) {
+              if (g.valid[j] != 0) {
                 const int64_t offset = g.row[j] * row_stride + d;
                 dots[j] += go_d * static_cast<opmath_t>(value_head[offset]);
                 grad_value_head[offset] += g.coefficient[j] * go_d;
@@ -352,8 +360,8 @@ void backward_kernel(
           opmath_t* grad_loc = grad_sampling_locations + qh * samples * 2;
           opmath_t* grad_attn = grad_attention_weights + qh * samples;
           for (int64_t i = 0; i < samples; ++i) {
-            const opmath_t d0 = dots[i], d1 = dots[samples + i];
-            const opmath_t d2 = dots[2 * samples + i], d3 = dots[3 * samples + i];
+            const opmath_t d0 = dots[i], d1 = dots[g.stride + i];
+            const opmath_t d2 = dots[2 * g.stride + i], d3 = dots[3 * g.stride + i];
             const opmath_t lw = g.lw[i], lh = g.lh[i], hw = 1 - lw, hh = 1 - lh;
             grad_attn[i] = hh * hw * d0 + hh * lw * d1 + lh * hw * d2 + lh * lw * d3;
             grad_loc[2 * i] = attn[i] * levels.width[i] * (hh * (d1 - d0) + lh * (d3 - d2));
