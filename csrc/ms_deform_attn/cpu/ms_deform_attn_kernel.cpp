@@ -19,6 +19,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <type_traits>
@@ -219,52 +220,59 @@ void forward_kernel(
   const int64_t row_stride = s.M * s.D; // distance between consecutive positions in S
   const int64_t samples = s.L * s.P;
   const SampleLevels<opmath_t> levels(spatial_shapes, level_start_index, s);
-  const int64_t grain = std::max<int64_t>(1, 2048 / (samples * s.D + 1));
-  at::parallel_for(0, s.N * s.Lq * s.M, grain, [&](int64_t begin, int64_t end) {
+  const int64_t query_heads = s.N * s.Lq * s.M;
+  // The threads take chunks of query-heads in turn rather than equal shares, so that a thread
+  // slowed down by other processes on the machine does not hold up the others.
+  const int64_t chunk = std::max<int64_t>(1, 32768 / (samples * s.D + 1));
+  std::atomic<int64_t> next_chunk{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     SampleGeometry<opmath_t> g(samples);
     // the row each corner reads: its row of value, or zeros outside the map
     const auto rows = std::make_unique<const scalar_t*[]>(4 * g.stride);
     const auto zeros = std::make_unique<scalar_t[]>(s.D);
-    for (int64_t qh = begin; qh < end; ++qh) {
-      const int64_t m = qh % s.M;
-      const int64_t n = qh / (s.Lq * s.M);
-      compute_geometry(
-          sampling_locations + qh * samples * 2, attention_weights + qh * samples, levels,
-          samples, g);
-      const scalar_t* value_head = value + n * s.S * row_stride + m * s.D;
-      const int64_t corners = 4 * g.stride; // even: whole vectors of samples
-      for (int64_t j = 0; j < corners; ++j) {
-        rows[j] = g.valid[j] != 0 ? value_head + g.row[j] * row_stride : zeros.get();
-      }
-      const opmath_t* coefficients = g.coefficient.get();
-      scalar_t* out = output + qh * s.D;
-      const int64_t tail = for_each_channel_block<opmath_t>(s.D, [&](int64_t d, auto vectors) {
-        constexpr int kVectors = decltype(vectors)::value;
-        // two independent sums halve the chain of dependent multiply-adds
-        Vec sum[2][kVectors];
-        for (int v = 0; v < kVectors; ++v) {
-          sum[0][v] = sum[1][v] = Vec(opmath_t(0));
+    for (int64_t begin = next_chunk.fetch_add(chunk); begin < query_heads;
+         begin = next_chunk.fetch_add(chunk)) {
+      for (int64_t qh = begin; qh < std::min(begin + chunk, query_heads); ++qh) {
+        const int64_t m = qh % s.M;
+        const int64_t n = qh / (s.Lq * s.M);
+        compute_geometry(
+            sampling_locations + qh * samples * 2, attention_weights + qh * samples, levels,
+            samples, g);
+        const scalar_t* value_head = value + n * s.S * row_stride + m * s.D;
+        const int64_t corners = 4 * g.stride; // even: whole vectors of samples
+        for (int64_t j = 0; j < corners; ++j) {
+          rows[j] = g.valid[j] != 0 ? value_head + g.row[j] * row_stride : zeros.get();
         }
-        for (int64_t j = 0; j < corners; j += 2) {
-          for (int half = 0; half < 2; ++half) {
-            const scalar_t* row = rows[j + half] + d;
-            const Vec coefficient(coefficients[j + half]);
-            for (int v = 0; v < kVectors; ++v) {
-              sum[half][v] =
-                  at::vec::fmadd(coefficient, load_opmath(row + v * Vec::size()), sum[half][v]);
+        const opmath_t* coefficients = g.coefficient.get();
+        scalar_t* out = output + qh * s.D;
+        const int64_t tail = for_each_channel_block<opmath_t>(s.D, [&](int64_t d, auto vectors) {
+          constexpr int kVectors = decltype(vectors)::value;
+          // two independent sums halve the chain of dependent multiply-adds
+          Vec sum[2][kVectors];
+          for (int v = 0; v < kVectors; ++v) {
+            sum[0][v] = sum[1][v] = Vec(opmath_t(0));
+          }
+          for (int64_t j = 0; j < corners; j += 2) {
+            for (int half = 0; half < 2; ++half) {
+              const scalar_t* row = rows[j + half] + d;
+              const Vec coefficient(coefficients[j + half]);
+              for (int v = 0; v < kVectors; ++v) {
+                sum[half][v] =
+                    at::vec::fmadd(coefficient, load_opmath(row + v * Vec::size()), sum[half][v]);
+              }
             }
           }
+          for (int v = 0; v < kVectors; ++v) {
+            store_from_opmath(out + d + v * Vec::size(), sum[0][v] + sum[1][v]);
+          }
+        });
+        for (int64_t d = tail; d < s.D; ++d) {
+          opmath_t sum = 0;
+          for (int64_t j = 0; j < corners; ++j) {
+            sum += coefficients[j] * static_cast<opmath_t>(rows[j][d]);
+          }
+          out[d] = static_cast<scalar_t>(sum);
         }
-        for (int v = 0; v < kVectors; ++v) {
-          store_from_opmath(out + d + v * Vec::size(), sum[0][v] + sum[1][v]);
-        }
-      });
-      for (int64_t d = tail; d < s.D; ++d) {
-        opmath_t sum = 0;
-        for (int64_t j = 0; j < corners; ++j) {
-          sum += coefficients[j] * static_cast<opmath_t>(rows[j][d]);
-        }
-        out[d] = static_cast<scalar_t>(sum);
       }
     }
   });
