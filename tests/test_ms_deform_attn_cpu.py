@@ -2,6 +2,8 @@
 chosen with DEFORMABLE_DETR_CPU_CAPABILITY, against the float64 reference; and the choice."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -172,3 +174,27 @@ def test_environment_report_names_the_kernels_in_use(monkeypatch):
     assert line == f"default (torch's CPU capability: {torch.backends.cpu.get_cpu_capability()})"
     monkeypatch.setenv(ENV_VAR, "bogus")
     assert "bogus is invalid" in dict(collect_env_info())["op CPU kernels for"]
+
+
+@pytest.mark.skipif(
+    shutil.which("objdump") is None or os.uname().machine != "x86_64",
+    reason="disassembles an x86-64 build with binutils' objdump",
+)
+def test_only_the_avx2_and_avx512_kernels_use_avx_instructions():
+    # A baseline function holding AVX code (say, an inline function the linker kept from an
+    # AVX-512 object) would crash CPUs without it: the build must run on every x86-64 CPU.
+    from deformable_detr import _C
+
+    listing = subprocess.run(
+        ["objdump", "-d", "-C", "--no-show-raw-insn", _C.__file__],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    using_avx, function = set(), None
+    for line in listing.splitlines():
+        if line.endswith(">:"):
+            function = line
+        elif re.match(r"\s+[0-9a-f]+:\s+v[a-z0-9]+\s", line):  # VEX/EVEX mnemonics start with v
+            using_avx.add(function)
+    outside = {f for f in using_avx if "::AVX2::" not in f and "::AVX512::" not in f}
+    assert not outside
+    assert any("::AVX512::" in f for f in using_avx)  # built on x86-64 whatever the CPU
