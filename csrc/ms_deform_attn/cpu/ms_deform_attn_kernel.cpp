@@ -2,11 +2,11 @@
 // compiled once per CPU capability (see ms_deform_attn_cpu.h); half and bfloat16 accumulate in
 // float.
 //
-// Each query-head (n, q, m) first turns its L * P sampling locations into a short list of
-// in-map bilinear corners (a row of value and a coefficient), then walks that list once per
-// block of channels with the block's accumulators in vector registers. Forward runs one task
-// per range of query-heads. Backward runs one task per range of heads of one batch element,
-// which owns that slice of grad_value and so accumulates without atomics.
+// Each query-head (n, q, m) first computes the bilinear corners of its L * P samples a vector of
+// samples at a time (a row of value and a coefficient per corner), then walks the corners once
+// per block of channels with the block's accumulators in vector registers. Forward: the threads
+// take chunks of query-heads in turn. Backward: one task per range of heads of one batch
+// element, which owns that slice of grad_value and so accumulates without atomics.
 #ifndef CPU_CAPABILITY // the plain build of this file (setup.py's source list) is the baseline
 #define CPU_CAPABILITY DEFAULT
 #define CPU_CAPABILITY_DEFAULT
@@ -30,8 +30,8 @@ namespace deformable_detr {
 namespace ops {
 namespace CPU_CAPABILITY {
 
-// Everything below has internal linkage: the same code compiled for a wider capability must not
-// be merged by the linker with this one.
+// Internal linkage: the same code compiled for another capability must not be merged with this
+// one by the linker (test_ms_deform_attn_cpu.py checks no AVX code leaks out of the kernels).
 namespace {
 
 using at::vec::Vectorized;
