@@ -15,8 +15,9 @@ $(STAMP): $(SETUP_INPUTS)
 	VENV=$(VENV) bash tools/setup_env.sh
 	touch $@
 
+# `make demo SEED=7` trains with another seed than the config's.
 demo: setup
-	$(PY) tools/run_demo.py --config-file $(DEMO_CONFIG) --output output/demo
+	$(PY) tools/run_demo.py --config-file $(DEMO_CONFIG) --output output/demo $(if $(SEED),SEED $(SEED))
 
 test: setup
 	$(PY) -m pytest -ra $(PYTEST_ARGS)

@@ -4,10 +4,14 @@ CPU kernels are always built. CUDA kernels are built whenever ``nvcc`` is found 
 no GPU present, so CI compiles them), unless ``FORCE_CUDA=0``; ``FORCE_CUDA=1`` makes a
 failed CUDA build an error. A failed CUDA build falls back to the CPU build, and a failed
 CPU build leaves the package on its pure-PyTorch path: the install never breaks.
+
+On x86-64 the CPU kernels are compiled once per CPU capability (baseline, AVX2, AVX-512, as
+ATen does) and the op runs the widest this CPU supports, so one build runs on every x86-64 CPU.
 """
 
 import glob
 import os
+import platform
 import shutil
 
 import torch
@@ -18,6 +22,19 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
 DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;9.0+PTX"
 MIN_CUDA_ARCH = 6.0  # atomicAdd(double*) in the backward kernel
+
+# Compiled once more per capability with these flags (ATen's own, cmake/Codegen.cmake); its plain
+# compilation in the source list is the baseline. ms_deform_attn_cpu.cpp picks one at run time.
+CPU_KERNEL_SOURCE = os.path.join(CSRC, "ms_deform_attn", "cpu", "ms_deform_attn_kernel.cpp")
+CPU_CAPABILITY_FLAGS = (
+    {
+        "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+        "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+    }
+    if platform.machine().lower() in ("x86_64", "amd64")
+    else {}
+)
+CPU_CAPABILITY_MACROS = [(f"DEFORMABLE_DETR_HAVE_{name}", None) for name in CPU_CAPABILITY_FLAGS]
 
 
 def _cuda_requested():
@@ -56,7 +73,7 @@ def _extension(with_cuda):
             "deformable_detr._C",
             sources=_sources("*.cpp") + _sources("*.cu"),
             include_dirs=[os.path.join(ROOT, CSRC)],
-            define_macros=[("WITH_CUDA", None)],
+            define_macros=[("WITH_CUDA", None)] + CPU_CAPABILITY_MACROS,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
             # optional: a failed build leaves nothing to copy instead of failing an editable
             # install; with FORCE_CUDA=1 a failure must stop the install
@@ -66,6 +83,7 @@ def _extension(with_cuda):
         "deformable_detr._C",
         sources=_sources("*.cpp"),
         include_dirs=[os.path.join(ROOT, CSRC)],
+        define_macros=CPU_CAPABILITY_MACROS,
         extra_compile_args={"cxx": cxx_flags},
         optional=True,
     )
@@ -78,6 +96,24 @@ _BUILD_ATTRIBUTES = (
 
 class BuildExtensionWithFallback(BuildExtension):
     """Falls back CUDA -> CPU -> no extension instead of failing the install."""
+
+    def build_extension(self, ext):
+        if CPU_KERNEL_SOURCE in ext.sources:
+            objects = []
+            for capability, flags in CPU_CAPABILITY_FLAGS.items():
+                objects += self.compiler.compile(
+                    [CPU_KERNEL_SOURCE],
+                    output_dir=os.path.join(self.build_temp, capability.lower()),
+                    macros=ext.define_macros
+                    + [("CPU_CAPABILITY", capability), (f"CPU_CAPABILITY_{capability}", None)],
+                    include_dirs=ext.include_dirs,
+                    extra_postargs=ext.extra_compile_args["cxx"] + flags,
+                )
+            # Linked after the baseline objects: of an inline function compiled into several
+            # objects the linker keeps the first copy, so code shared with the baseline stays
+            # runnable on every CPU. A retry after a failed CUDA build must not add them twice.
+            ext.extra_objects = [obj for obj in ext.extra_objects if obj not in objects] + objects
+        super().build_extension(ext)
 
     def build_extensions(self):
         try:

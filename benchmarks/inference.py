@@ -1,7 +1,7 @@
 """End-to-end inference speed of the plugin against HuggingFace's Deformable DETR.
 
     python benchmarks/inference.py [--device cpu|cuda] [--threads 2] [--dtype fp32|fp16|bf16]
-                                   [--iters 10] [--quick]
+                                   [--iters 10] [--quick] [--with-bf16]
 
 What one timed call does, as ``DefaultPredictor.__call__`` after its resize (the input is an
 already resized RGB uint8-range float image, batch 1, in eval mode under ``torch.no_grad``):
@@ -19,6 +19,10 @@ logits and boxes of both are compared), and the demo model
 (see ``NO_HF_PEER``). Each model also runs with the pure-PyTorch op
 (``DEFORMABLE_DETR_MSDA_IMPL=pytorch``) to isolate the compiled op's share. The candidates take
 turns every iteration; images/s is 1 / mean latency.
+
+``--with-bf16`` adds a row of the plugin (compiled op) under bfloat16 autocast beside the float32
+rows, with the largest differences of its logits and boxes from float32; on a CPU without
+bfloat16 instructions (AVX512-BF16 or AMX) it says so and adds no row.
 """
 
 import importlib.util
@@ -41,6 +45,7 @@ from benchmark_utils import (
     time_round_robin,
 )
 
+from deformable_detr.engine import cpu_bfloat16_unsupported_reason
 from deformable_detr.layers.ms_deform_attn_op import use_implementation
 from deformable_detr.utils.testing import randomize_
 
@@ -68,11 +73,11 @@ def random_image(height, width, device):
     return (torch.rand(3, height, width, generator=generator) * 255).to(device)
 
 
-def plugin_candidate(model, image, impl, args):
+def plugin_candidate(model, image, impl, args, dtype=None):
     inputs = [{"image": image, "height": image.shape[1], "width": image.shape[2]}]
 
     def run():
-        with use_implementation(impl), torch.no_grad(), autocast(args.device, args.dtype):
+        with use_implementation(impl), torch.no_grad(), autocast(args.device, dtype or args.dtype):
             return model(inputs)
 
     return run
@@ -118,6 +123,18 @@ def hf_diffs(model, image, hf, rows, args):
     return logits.item(), boxes.item()
 
 
+def bf16_diffs(model, image, args):
+    """Max abs differences of logits and boxes: bfloat16 autocast vs float32, compiled op."""
+    raws = []
+    for dtype in ("bf16", "fp32"):
+        with use_implementation("compiled"), torch.no_grad(), autocast(args.device, dtype):
+            raws.append(model.forward_raw([{"image": image}]))
+    return tuple(
+        (raws[0][key][-1].float() - raws[1][key][-1].float()).abs().max().item()
+        for key in ("pred_logits", "pred_boxes")
+    )
+
+
 def op_diffs(model, image, args):
     """Max abs differences of logits and boxes: compiled op vs pure-PyTorch op, same model."""
     raws = []
@@ -137,7 +154,11 @@ def main(argv=None):
     parser.add_argument("--no-hf", action="store_true", help="skip the HuggingFace peer")
     parser.add_argument("--profile", action="store_true",
                         help="also print each candidate's top operators (torch.profiler)")
+    parser.add_argument("--with-bf16", action="store_true",
+                        help="add the compiled plugin under bfloat16 autocast (with --dtype fp32)")
     args = parse_model_benchmark_args(parser, argv)
+    if args.with_bf16 and args.dtype != "fp32":
+        parser.error("--with-bf16 compares with float32: use it with --dtype fp32")
     missing = [name for name in ("transformers", "timm") if importlib.util.find_spec(name) is None]
     if missing and not args.no_hf:
         parser.error(f"the HF peer needs {' and '.join(missing)} (pip install transformers timm); "
@@ -146,6 +167,10 @@ def main(argv=None):
     iters = args.iters or (2 if args.quick else 10)
     warmup = 1 if args.quick else 2
 
+    with_bf16 = args.with_bf16
+    if with_bf16 and args.device == "cpu" and cpu_bfloat16_unsupported_reason() is not None:
+        print(f"# no bf16 rows: {cpu_bfloat16_unsupported_reason()}")
+        with_bf16 = False
     print(f"# inference, batch 1, {args.dtype}, {machine(args.device, args.threads)}")
     print(f"# {iters} timed calls per candidate after {warmup} warm-up, taking turns")
     print("| model | input | implementation | images/s | p50 (ms) | p90 (ms) | vs HF "
@@ -168,6 +193,10 @@ def main(argv=None):
             "plugin (compiled op)": plugin_candidate(model, image, "compiled", args),
             "plugin (pytorch op)": plugin_candidate(model, image, "pytorch", args),
         }
+        if with_bf16:
+            candidates["plugin (compiled op), bf16"] = plugin_candidate(
+                model, image, "compiled", args, "bf16"
+            )
         if with_hf:
             candidates["HF transformers"] = hf_candidate(
                 hf, image, model.pixel_mean, model.pixel_std, args
@@ -188,6 +217,8 @@ def main(argv=None):
         if args.profile:
             profiles.extend(profile_candidates(name, candidates))
         diffs = {"pytorch op": op_diffs(model, image, args)}
+        if with_bf16:
+            diffs["itself in bf16"] = bf16_diffs(model, image, args)
         if with_hf:
             diffs["HF"] = hf_diffs(model, image, hf, rows, args)
         else:

@@ -11,13 +11,19 @@ model. Both implementations run through ``ms_deform_attn`` (validation included)
 ``use_implementation``.
 
 ``--quick`` uses a 4x smaller image and exits with status 1 if the compiled op is slower than
-the reference anywhere. On CUDA the table also gives the achieved memory bandwidth, counting
-the bytes each pass must move at least: every tensor read once and every output written once
-(plus one read-modify-write of grad_value in the backward pass), against the device's peak.
+the reference anywhere. The table also gives the compiled op's achieved bandwidth, counting the
+bytes each pass must move at least: every tensor read once and every output written once (plus
+one read-modify-write of grad_value in the backward pass). On CUDA it is compared with the
+device's peak. On the CPU it is compared with a copy of a tensor larger than the caches
+(memory bandwidth), and the bytes of the bilinear corner rows the kernels gather (each sample
+reads four rows of D values; the backward also reads and writes four rows of grad_value) with
+a copy that fits in the threads' L2 caches, measured in the same run; the CPU kernel in use
+(``torch.ops.deformable_detr.cpu_capability()``) is printed in the header.
 """
 
 import argparse
 import sys
+import time
 
 import torch
 from timing import warm_then_time
@@ -80,6 +86,46 @@ def minimal_bytes(inputs, backward):
     return read + written
 
 
+def gathered_bytes(inputs, backward):
+    """Bytes of the corner rows the kernels read (and, backward, of grad_value rows updated)."""
+    value, _, _, locations, _ = inputs
+    N, Lq, M, L, P, _ = locations.shape
+    row = value.shape[3] * value.element_size()
+    corners = N * Lq * M * L * P * 4
+    if not backward:
+        return corners * row
+    grad_row = value.shape[3] * locations.element_size()
+    # forward, then backward: value row read, grad_value row read and written
+    return corners * (2 * row + 2 * grad_row)
+
+
+def l2_cache_bytes():
+    """Per-core L2 size from sysfs (Linux), or 1 MiB when it cannot be read."""
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index2/size") as f:
+            text = f.read().strip()
+    except OSError:
+        return 1 << 20
+    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
+    return int(text.rstrip("KM")) * scale
+
+
+def copy_bandwidth(total_bytes, repeat):
+    """Bytes/s (read + written) of the best of `repeat` rounds of copying a float32 tensor of
+    total_bytes / 2 into another on the CPU (torch's copy uses all threads)."""
+    source = torch.randn(total_bytes // 8)
+    target = torch.empty_like(source)
+    # enough copies per round to time a cache-sized copy reliably
+    copies = max(1, (1 << 30) // total_bytes)
+    best = float("inf")
+    for _ in range(repeat + 1):
+        start = time.perf_counter()
+        for _ in range(copies):
+            target.copy_(source)
+        best = min(best, time.perf_counter() - start)
+    return copies * 2 * source.numel() * source.element_size() / best
+
+
 def time_pass(inputs, backward, repeat, device):
     """Best-of-`repeat` seconds of one forward (and backward) pass (robust on shared machines)."""
     if backward:
@@ -124,15 +170,26 @@ def main(argv=None):
 
     with use_implementation("compiled"):
         active_implementation(args.device)  # fails clearly when the kernel is missing
-    device_name = (
-        torch.cuda.get_device_name(0) if args.device == "cuda" else f"{args.threads} CPU threads"
-    )
+    if args.device == "cuda":
+        device_name = torch.cuda.get_device_name(0)
+    else:
+        device_name = (
+            f"{args.threads} CPU threads, kernels for "
+            f"{torch.ops.deformable_detr.cpu_capability()}"
+        )
     print(f"# ms_deform_attn on {device_name}, {args.dtype}, torch {torch.__version__}, "
           f"best of {repeat} runs")
-    peak = peak_bandwidth() if args.device == "cuda" else None
     header = "| shape | pass | compiled (ms) | pytorch (ms) | speedup |"
     if args.device == "cuda":
+        peak = peak_bandwidth()
         header += " compiled GB/s | % of peak |"
+    else:
+        # two copies per thread (source and target) fill half of each thread's L2
+        cache_copy = copy_bandwidth(l2_cache_bytes() // 2 * args.threads, repeat)
+        memory_copy = copy_bandwidth(1 << 30, repeat)
+        print(f"# copy bandwidth (read + write): {cache_copy / 1e9:.0f} GB/s within L2 "
+              f"({l2_cache_bytes() >> 10} KiB per core), {memory_copy / 1e9:.1f} GB/s for 1 GiB")
+        header += " gathered GB/s | % of L2 copy | minimal GB/s | % of memory copy |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
 
@@ -152,12 +209,18 @@ def main(argv=None):
                 f"| {seconds['compiled'] * 1e3:.2f} | {seconds['pytorch'] * 1e3:.2f} "
                 f"| {ratio:.2f}x |"
             )
+            bandwidth = minimal_bytes(inputs, backward) / seconds["compiled"]
             if args.device == "cuda":
-                bandwidth = minimal_bytes(inputs, backward) / seconds["compiled"]
                 share = f"{100 * bandwidth / peak:.0f}%" if peak else "n/a"
                 row += f" {bandwidth / 1e9:.0f} | {share} |"
+            else:
+                gathered = gathered_bytes(inputs, backward) / seconds["compiled"]
+                row += (
+                    f" {gathered / 1e9:.0f} | {100 * gathered / cache_copy:.0f}% "
+                    f"| {bandwidth / 1e9:.1f} | {100 * bandwidth / memory_copy:.0f}% |"
+                )
             print(row, flush=True)
-    if peak:
+    if args.device == "cuda" and peak:
         print(f"# peak memory bandwidth {peak / 1e9:.0f} GB/s (from device properties)")
     if args.quick and slowest < 1:
         print(f"FAIL: compiled op slower than the reference (speedup {slowest:.2f}x)")

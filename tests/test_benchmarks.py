@@ -70,3 +70,26 @@ def test_scaling_benchmark_quick_completes(capsys):
     assert "fitted k" in capsys.readouterr().out
     assert set(exponents) == {"op", "backbone", "encoder", "decoder", "model"}
     assert all(math.isfinite(k) for k in exponents.values())
+
+
+@pytest.mark.parametrize("cpu_has_bf16", [True, False], ids=["cpu_bf16", "cpu_without_bf16"])
+def test_inference_benchmark_bf16_rows(capsys, monkeypatch, cpu_has_bf16):
+    from deformable_detr.engine import cpu_bfloat16_unsupported_reason
+
+    if cpu_has_bf16 and cpu_bfloat16_unsupported_reason() is not None:
+        pytest.skip(f"CPU bfloat16: {cpu_bfloat16_unsupported_reason()}")
+    if not cpu_has_bf16:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    args = ["--quick", "--threads", "1", "--iters", "1", "--no-hf", "--with-bf16",
+            "--models", "R50 multi-scale"]
+    results = load("inference").main(args)
+    out = capsys.readouterr().out
+    row = "| R50 multi-scale | 128x213 | plugin (compiled op), bf16 |"
+    if cpu_has_bf16:
+        assert row in out
+        logits, boxes = results["max_abs_diff"][("R50 multi-scale", "itself in bf16")]
+        assert 0 < logits < 1 and 0 < boxes < 0.1  # bfloat16 rounding, not a broken model
+    else:
+        assert row not in out and "# no bf16 rows: this CPU has neither AVX512-BF16 nor AMX" in out
+        assert ("R50 multi-scale", "itself in bf16") not in results["max_abs_diff"]

@@ -7,6 +7,7 @@ import sys
 
 import cv2
 import pytest
+import yaml
 
 from deformable_detr.data.trees import deepforest_data_dir
 
@@ -62,7 +63,13 @@ def test_short_training_lowers_loss_and_writes_outputs(demo_run):
     drawn = sorted(os.listdir(out / "predictions"))
     assert len(drawn) == 2
     tile = cv2.imread(str(out / "predictions" / drawn[0]))
-    assert tile.shape[0] == 400 and tile.shape[1] == 2 * 400 + 8  # prediction | gap | truth
+    # titled prediction | gap | titled truth, the titles on a 28-pixel white band
+    assert tile.shape[0] == 28 + 400 and tile.shape[1] == 2 * 400 + 8
+    assert (tile[:28, :400] < 128).any() and (tile[:28, 408:] < 128).any()  # text drawn
+    assert (tile[:28, :400] != tile[:28, 408:]).any()  # different titles
+    # the whole-job ETA every 20 iterations; no periodic evaluation here, the final one counts
+    assert "[demo] iteration 20/60: ETA of the whole job" in stdout
+    assert "+ 1 evaluation" in stdout
     assert re.search(r"inside the detected box, averaged over \d+ detections scoring >= 0.0: "
                      r"level 0 [\d.]+%, level 1 [\d.]+%, level 2 [\d.]+%, all levels", stdout)
     assert "the share of its sampling points inside (unweighted): level 0" in stdout
@@ -85,3 +92,18 @@ def test_demo_py_writes_image(demo_run, tmp_path):
     drawn = cv2.imread(str(tmp_path / "OSBS_029.png"))
     assert drawn is not None and drawn.shape == cv2.imread(photo).shape
     assert (drawn != cv2.imread(photo)).any()  # boxes were drawn
+
+
+def test_demo_seed_is_fixed_by_the_config_and_varied_from_make():
+    with open(CONFIG) as f:
+        assert yaml.safe_load(f)["SEED"] >= 0  # Detectron2 draws a random seed when negative
+    make = ["make", "--dry-run", "--always-make", "demo"]
+    fixed = subprocess.run(make, cwd=REPO, capture_output=True, text=True, check=True).stdout
+    varied = subprocess.run(
+        [*make, "SEED=7"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    run = [line for line in fixed.splitlines() if "tools/run_demo.py" in line]
+    assert len(run) == 1 and "SEED" not in run[0]
+    assert [line for line in varied.splitlines() if "tools/run_demo.py" in line] == [
+        run[0].rstrip() + " SEED 7"
+    ]

@@ -7,17 +7,24 @@ from detectron2.modeling import build_model
 from tiny_deformable_detr import tiny_cfg
 from tiny_training import coco_spec, tiny_train_cfg
 
+from deformable_detr import engine
 from deformable_detr.checkpoint import AtomicDetectionCheckpointer
 from deformable_detr.data.user_coco import register_user_coco
 from deformable_detr.engine import (
     FiniteLossAMPTrainer,
+    FiniteLossCPUAutocastTrainer,
     FiniteLossSimpleTrainer,
     Trainer,
     build_train_loop,
     check_losses_finite,
+    cpu_bfloat16_unsupported_reason,
 )
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+requires_cpu_bfloat16 = pytest.mark.skipif(
+    cpu_bfloat16_unsupported_reason() is not None,
+    reason=f"CPU bfloat16: {cpu_bfloat16_unsupported_reason()}",
+)
 
 
 @pytest.fixture(scope="module")
@@ -128,10 +135,69 @@ def test_amp_config_is_checked(tiny_dataset, tmp_path):
     cfg.SOLVER.AMP.PRECISION = "float8"
     with pytest.raises(ValueError, match="SOLVER.AMP.PRECISION must be one of"):
         build_train_loop(cfg, None, None, None)
+    assert cfg.MODEL.DEVICE == "cpu"
+    cfg.SOLVER.AMP.PRECISION = "float16"
+    with pytest.raises(ValueError, match="'float16' needs a CUDA device; on the CPU use"):
+        build_train_loop(cfg, None, None, None)
     if not torch.cuda.is_available():
-        cfg.SOLVER.AMP.PRECISION = "bfloat16"
-        with pytest.raises(RuntimeError, match="SOLVER.AMP.ENABLED needs a CUDA device"):
+        cfg.MODEL.DEVICE = "cuda"
+        with pytest.raises(RuntimeError, match="MODEL.DEVICE 'cuda' needs CUDA"):
             build_train_loop(cfg, None, None, None)
+
+
+def test_cpu_bfloat16_amp_is_refused_naming_the_missing_instructions(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cfg = tiny_train_cfg(tmp_path, [tiny_dataset])
+    cfg.SOLVER.AMP.ENABLED = True
+    cfg.SOLVER.AMP.PRECISION = "bfloat16"
+    with pytest.raises(RuntimeError, match="neither AVX512-BF16 nor AMX.*ENABLED False"):
+        build_train_loop(cfg, None, None, None)
+
+
+@requires_cpu_bfloat16
+def test_cpu_bfloat16_amp_trains_with_an_autocast_forward_only(tiny_dataset, tmp_path):
+    cfg = tiny_train_cfg(tmp_path, [tiny_dataset], max_iter=2)
+    cfg.SOLVER.AMP.ENABLED = True
+    cfg.SOLVER.AMP.PRECISION = "bfloat16"
+    trainer = _trainer(cfg)
+    assert isinstance(trainer._trainer, FiniteLossCPUAutocastTrainer)
+    model = trainer.model
+    autocast_in_forward, linear_dtypes = [], []
+
+    def record_autocast(*_):
+        autocast_in_forward.append(torch.is_autocast_enabled("cpu"))
+
+    def record_dtype(module, inputs, output):
+        linear_dtypes.append(output.dtype)
+
+    model.register_forward_hook(record_autocast)
+    linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(record_dtype)
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    trainer.train()
+    assert trainer.iter == 2
+    assert autocast_in_forward == [True, True] and not torch.is_autocast_enabled("cpu")
+    assert set(linear_dtypes) == {torch.bfloat16}
+    after = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(b, a) for b, a in zip(before, after))
+
+
+def test_autocast_forward_is_left_when_the_forward_raises():
+    class Failing(torch.nn.Module):
+        def forward(self, x):
+            assert torch.is_autocast_enabled("cpu")
+            raise KeyError("boom")
+
+    model = Failing()
+    with engine._autocast_forward(model, "cpu", torch.bfloat16):
+        with pytest.raises(KeyError, match="boom"):
+            model(torch.ones(1))
+        assert not torch.is_autocast_enabled("cpu")
+    assert not model._forward_pre_hooks and not model._forward_hooks
 
 
 @requires_cuda

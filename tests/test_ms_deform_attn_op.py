@@ -378,19 +378,20 @@ def test_cuda_autocast_runs_in_value_dtype():
 
 
 @requires_cpu_kernel
-def test_cpu_autocast_runs_in_float32():
+def test_cpu_autocast_runs_in_value_dtype():
     value, shapes, starts, locations, weights = make_inputs(1, 2, 8, [(4, 6)], 5, 2, 1.0)
     low = value.bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output = ms_deform_attn(low, shapes, starts, locations.bfloat16(), weights)
-    assert output.dtype == torch.float32
+    assert output.dtype == torch.bfloat16
     expected = ms_deform_attn_pytorch(low.float(), shapes, starts, locations.bfloat16().float(),
                                       weights)
-    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+    # float accumulation: only the final rounding to bfloat16 differs
+    torch.testing.assert_close(output.float(), expected, rtol=8e-3, atol=8e-3)
 
 
 @requires_cpu_kernel
-def test_cpu_half_value_computes_in_float32():
+def test_cpu_half_value_accumulates_in_float32():
     value, shapes, starts, locations, weights = make_inputs(1, 2, 8, [(4, 6)], 5, 2, 1.0)
     output = ms_deform_attn(value.half(), shapes, starts, locations, weights)
     assert output.dtype == torch.float16

@@ -21,7 +21,7 @@ try:
     import numpy as np
     import torch
     from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.engine import DefaultPredictor
+    from detectron2.engine import DefaultPredictor, HookBase
     from detectron2.utils.visualizer import ColorMode, Visualizer
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -68,6 +68,64 @@ def final_ap(metrics_file):
     return {"AP": last["bbox/AP"], "AP50": last["bbox/AP50"]}
 
 
+def remaining_evaluations(iteration, max_iter, eval_period):
+    """Evaluations still to come after ``iteration`` (0-based) has run: Detectron2's EvalHook
+    evaluates after every ``eval_period`` iterations, and always after the last one."""
+    periodic = (max_iter - 1) // eval_period - (iteration + 1) // eval_period if eval_period else 0
+    return max(periodic, 0) + 1
+
+
+class WholeJobETA(HookBase):
+    """Prints the time left for the whole demo, training and evaluations, every ``period``
+    iterations (Detectron2's own ETA counts training only). An evaluation's cost is measured at
+    the first one; before, it is estimated as a forward of each val image at a third of a
+    training iteration per image."""
+
+    def __init__(self, eval_period, num_val_images, images_per_iter, period=20):
+        self.eval_period = eval_period
+        self.num_val_images = num_val_images
+        self.images_per_iter = images_per_iter
+        self.period = period
+        self.eval_seconds = None
+        self._last_step_end = None
+
+    def _iteration_seconds(self):
+        # IterationTimer's "time" counts the training step only, not EvalHook's evaluation
+        return self.trainer.storage.history("time").median(self.period)
+
+    def after_step(self):
+        now = time.perf_counter()
+        step_seconds = None if self._last_step_end is None else now - self._last_step_end
+        self._last_step_end = now
+        next_iter, max_iter = self.trainer.iter + 1, self.trainer.max_iter
+        if self.eval_period and next_iter % self.eval_period == 0 and next_iter != max_iter:
+            if step_seconds is not None:  # EvalHook evaluated in this step, before this hook
+                self.eval_seconds = step_seconds - self._iteration_seconds()
+        if next_iter % self.period or next_iter == max_iter:
+            return
+        iter_seconds = self._iteration_seconds()
+        eval_seconds = self.eval_seconds
+        if eval_seconds is None:
+            eval_seconds = self.num_val_images * iter_seconds / self.images_per_iter / 3
+        training = (max_iter - next_iter) * iter_seconds
+        evaluations = remaining_evaluations(self.trainer.iter, max_iter, self.eval_period)
+        total = training + evaluations * eval_seconds
+        print(
+            f"[demo] iteration {next_iter}/{max_iter}: ETA of the whole job "
+            f"{total / 60:.1f} min (training {training / 60:.1f} min + {evaluations} "
+            f"evaluation{'s' if evaluations > 1 else ''} {evaluations * eval_seconds / 60:.1f} "
+            f"min{'' if self.eval_seconds is not None else ', estimated'})",
+            flush=True,
+        )
+
+
+def _titled(image, title):
+    """``image`` (H, W, 3) under a white band with ``title``."""
+    band = np.full((28, image.shape[1], 3), 255, dtype=np.uint8)
+    cv2.putText(band, title, (8, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([band, image], axis=0)
+
+
 def draw_predictions(cfg, dataset_name, out_dir, num_images, threshold):
     """Save prediction (left) beside ground truth (right) for the first ``num_images`` tiles."""
     os.makedirs(out_dir, exist_ok=True)
@@ -81,7 +139,8 @@ def draw_predictions(cfg, dataset_name, out_dir, num_images, threshold):
         pred = Visualizer(rgb, metadata, instance_mode=ColorMode.IMAGE)
         pred = pred.draw_instance_predictions(instances).get_image()
         truth = Visualizer(rgb, metadata).draw_dataset_dict(d).get_image()
-        gap = np.full((rgb.shape[0], 8, 3), 255, dtype=np.uint8)
+        pred, truth = _titled(pred, "prediction"), _titled(truth, "ground truth")
+        gap = np.full((pred.shape[0], 8, 3), 255, dtype=np.uint8)
         side_by_side = np.concatenate([pred, gap, truth], axis=1)
         name = os.path.splitext(os.path.basename(d["file_name"]))[0]
         cv2.imwrite(os.path.join(out_dir, f"{name}.png"), side_by_side[:, :, ::-1])
@@ -168,6 +227,10 @@ def main(args):
         os.remove(os.path.join(cfg.OUTPUT_DIR, "metrics.json"))
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
+    num_val_images = len(DatasetCatalog.get(cfg.DATASETS.TEST[0]))
+    trainer.register_hooks(
+        [WholeJobETA(cfg.TEST.EVAL_PERIOD, num_val_images, cfg.SOLVER.IMS_PER_BATCH)]
+    )
     trainer.train()
 
     metrics_file = os.path.join(cfg.OUTPUT_DIR, "metrics.json")
@@ -188,7 +251,8 @@ def main(args):
     minutes = (time.perf_counter() - start) / 60
     print(
         f"\n[demo] {cfg.DATASETS.TEST[0]}: AP = {bbox['AP']:.1f}, AP50 = {bbox['AP50']:.1f} "
-        f"(COCO bbox, %) after {cfg.SOLVER.MAX_ITER} iterations, {minutes:.1f} min in total.\n"
+        f"(COCO bbox, %) after {cfg.SOLVER.MAX_ITER} iterations, {minutes:.1f} min in total "
+        f"(SEED {cfg.SEED}).\n"
         f"[demo] model, metrics.png, predictions/ and sampling/ are in {args.output}/"
     )
     return bbox

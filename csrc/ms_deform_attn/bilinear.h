@@ -1,4 +1,4 @@
-// Bilinear sampling geometry shared by the CPU and CUDA kernels.
+// Bilinear sampling geometry of the CUDA kernels (the CPU kernels compute the same, vectorized).
 #pragma once
 
 #include <c10/macros/Macros.h>

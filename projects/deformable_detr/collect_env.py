@@ -39,6 +39,16 @@ def _implementation_line(device):
         return f"ERROR: {error}"
 
 
+def _cpu_kernels_line():
+    if not compiled_kernels()["cpu"]:
+        return "none"
+    try:
+        chosen = torch.ops.deformable_detr.cpu_capability()
+    except RuntimeError as error:  # an invalid DEFORMABLE_DETR_CPU_CAPABILITY
+        return f"ERROR: {error}"
+    return f"{chosen} (torch's CPU capability: {torch.backends.cpu.get_cpu_capability()})"
+
+
 def collect_env_info():
     """Returns ``[(name, value), ...]`` describing the Python, torch, detectron2 and op build."""
     kernels = compiled_kernels()
@@ -51,6 +61,7 @@ def collect_env_info():
         ("op extension", _extension_line()),
         ("op kernels built", ", ".join(k.upper() for k, on in kernels.items() if on) or "none"),
         ("op on CPU", _implementation_line("cpu")),
+        ("op CPU kernels for", _cpu_kernels_line()),
     ]
     if torch.cuda.is_available():
         rows.append(("op on CUDA", _implementation_line("cuda")))

@@ -3,10 +3,11 @@ evaluation, the official optimizer, and the pieces that make long runs survive: 
 mixed precision, a stop at the first non-finite loss, and checkpoints written atomically.
 """
 
+import contextlib
 import logging
 import os
 import weakref
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from detectron2.config import get_cfg
@@ -28,10 +29,12 @@ from .solver import build_optimizer
 __all__ = [
     "AMP_PRECISIONS",
     "FiniteLossAMPTrainer",
+    "FiniteLossCPUAutocastTrainer",
     "FiniteLossSimpleTrainer",
     "Trainer",
     "build_train_loop",
     "check_losses_finite",
+    "cpu_bfloat16_unsupported_reason",
     "create_ddp_model",
     "inference_config",
     "load_config",
@@ -87,11 +90,63 @@ class FiniteLossAMPTrainer(_FiniteLossMixin, AMPTrainer):
     """:class:`AMPTrainer` that stops at the first non-finite loss term."""
 
 
+def cpu_bfloat16_unsupported_reason() -> Optional[str]:
+    """None when this CPU computes bfloat16 natively (AVX512-BF16 or AMX), else why not.
+
+    Without either, oneDNN emulates bfloat16 matrix products and autocast makes the CPU slower
+    than float32 while losing precision.
+    """
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return None
+    return (
+        "this CPU has neither AVX512-BF16 nor AMX (the bfloat16 instruction sets; torch sees "
+        f"{torch.backends.cpu.get_cpu_capability()})"
+    )
+
+
+class FiniteLossCPUAutocastTrainer(FiniteLossSimpleTrainer):
+    """:class:`FiniteLossSimpleTrainer` whose forward (model and losses) runs under CPU
+    autocast, as Detectron2's AMPTrainer does on CUDA; backward and optimizer step stay outside.
+    """
+
+    def __init__(self, model, data_loader, optimizer, precision: torch.dtype = torch.bfloat16):
+        super().__init__(model, data_loader, optimizer)
+        self.precision = precision
+
+    def run_step(self):
+        with _autocast_forward(self.model, "cpu", self.precision):
+            super().run_step()
+
+
+@contextlib.contextmanager
+def _autocast_forward(model: torch.nn.Module, device_type: str, dtype: torch.dtype):
+    """Enters autocast for each call of ``model`` within the block (and leaves it on return or
+    exception), so that the rest of a training step runs without it."""
+    autocast = torch.autocast(device_type, dtype=dtype)
+
+    def enter(*_):
+        autocast.__enter__()
+
+    def leave(*_):
+        autocast.__exit__(None, None, None)
+
+    handles = (
+        model.register_forward_pre_hook(enter),
+        model.register_forward_hook(leave, always_call=True),
+    )
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def build_train_loop(cfg, model, data_loader, optimizer) -> SimpleTrainer:
     """
     The loop that runs one iteration: float32, or autocast when ``SOLVER.AMP.ENABLED`` with
     ``SOLVER.AMP.PRECISION`` ("float16" scales the loss with a GradScaler; "bfloat16" has the
-    range of float32 and needs none). Detectron2's AMPTrainer autocasts on CUDA only.
+    range of float32 and needs none). On ``MODEL.DEVICE`` cpu only bfloat16 is accepted, on a
+    CPU with AVX512-BF16 or AMX. Losses and matching compute in float32 either way.
     """
     if not cfg.SOLVER.AMP.ENABLED:
         return FiniteLossSimpleTrainer(model, data_loader, optimizer)
@@ -100,8 +155,24 @@ def build_train_loop(cfg, model, data_loader, optimizer) -> SimpleTrainer:
         raise ValueError(
             f"SOLVER.AMP.PRECISION must be one of {sorted(AMP_PRECISIONS)}, got {precision!r}"
         )
+    if torch.device(cfg.MODEL.DEVICE).type == "cpu":
+        if precision != "bfloat16":
+            raise ValueError(
+                f"SOLVER.AMP.PRECISION {precision!r} needs a CUDA device; on the CPU use "
+                "'bfloat16' or set SOLVER.AMP.ENABLED False"
+            )
+        reason = cpu_bfloat16_unsupported_reason()
+        if reason is not None:
+            raise RuntimeError(
+                f"SOLVER.AMP.ENABLED (bfloat16) on the CPU: {reason}; set SOLVER.AMP.ENABLED "
+                "False to train in float32"
+            )
+        return FiniteLossCPUAutocastTrainer(model, data_loader, optimizer, torch.bfloat16)
     if not torch.cuda.is_available():
-        raise RuntimeError("SOLVER.AMP.ENABLED needs a CUDA device; set it False to train on CPU")
+        raise RuntimeError(
+            f"SOLVER.AMP.ENABLED on MODEL.DEVICE {cfg.MODEL.DEVICE!r} needs CUDA, which is not "
+            "available"
+        )
     dtype = AMP_PRECISIONS[precision]
     grad_scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     return FiniteLossAMPTrainer(

@@ -1,93 +1,86 @@
-// CPU kernels of multi-scale deformable attention, for float and double.
+// CPU kernels of multi-scale deformable attention for double, float, half and bfloat16 values,
+// compiled once per CPU capability (see ms_deform_attn_cpu.h); half and bfloat16 accumulate in
+// float.
 //
-// Forward runs one task per query-head (n, q, m). Backward runs one task per range of heads of
-// one batch element, which owns that slice of grad_value and so accumulates without atomics.
-// The innermost loops run over the D contiguous channels of a value row and auto-vectorize.
-#include <ATen/ATen.h>
+// Each query-head (n, q, m) first computes the bilinear corners of its L * P samples a vector of
+// samples at a time (a row of value and a coefficient per corner), then walks the corners once
+// per block of channels with the block's accumulators in vector registers. Forward: the threads
+// take chunks of query-heads in turn. Backward: one task per range of heads of one batch
+// element, which owns that slice of grad_value and so accumulates without atomics.
+#ifndef CPU_CAPABILITY // the plain build of this file (setup.py's source list) is the baseline
+#define CPU_CAPABILITY DEFAULT
+#define CPU_CAPABILITY_DEFAULT
+#endif
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 
-#include <vector>
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <type_traits>
 
-#include "../bilinear.h"
-#include "../ms_deform_attn.h"
+#include "ms_deform_attn_cpu.h"
 
 namespace deformable_detr {
 namespace ops {
+namespace CPU_CAPABILITY {
 
+// Internal linkage: the same code compiled for another capability must not be merged with this
+// one by the linker (test_ms_deform_attn_cpu.py checks no AVX code leaks out of the kernels).
 namespace {
 
-// out += sum_k c[k] * v[k]; the loop over channels auto-vectorizes.
+using at::vec::Vectorized;
+
+// The channel loops are unrolled over at most this many vectors, which stay in registers.
+constexpr int kMaxVectorsPerBlock = 4;
+
 template <typename scalar_t>
-inline void accumulate_sample(
-    scalar_t* __restrict__ out,
-    const scalar_t* __restrict__ v0,
-    const scalar_t* __restrict__ v1,
-    const scalar_t* __restrict__ v2,
-    const scalar_t* __restrict__ v3,
-    const scalar_t c[4],
-    int64_t D) {
-  const scalar_t c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
-  for (int64_t d = 0; d < D; ++d) {
-    out[d] += c0 * v0[d] + c1 * v1[d] + c2 * v2[d] + c3 * v3[d];
+inline Vectorized<at::opmath_type<scalar_t>> load_opmath(const scalar_t* data) {
+  if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
+    return Vectorized<scalar_t>::loadu(data);
+  } else {
+    Vectorized<float> out;
+    at::vec::load_to_float(data, out);
+    return out;
   }
 }
 
-// Backward of one sample over the channels: grad_v[k] += c[k] * go, and returns in `dots` the
-// dot products of go with the four corner rows, from which the caller derives the gradients of
-// the attention weight and the location. The dot products run in kLanes independent lanes so
-// that the compiler can vectorize them without reassociating.
 template <typename scalar_t>
-inline void backward_sample(
-    const scalar_t* __restrict__ go,
-    const scalar_t* __restrict__ v0,
-    const scalar_t* __restrict__ v1,
-    const scalar_t* __restrict__ v2,
-    const scalar_t* __restrict__ v3,
-    scalar_t* __restrict__ gv0,
-    scalar_t* __restrict__ gv1,
-    scalar_t* __restrict__ gv2,
-    scalar_t* __restrict__ gv3,
-    const scalar_t c[4],
-    int64_t D,
-    scalar_t dots[4]) {
-  constexpr int64_t kLanes = 8;
-  const scalar_t c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
-  scalar_t dot0[kLanes] = {}, dot1[kLanes] = {}, dot2[kLanes] = {}, dot3[kLanes] = {};
-  // full blocks of kLanes, then the rest: a fixed trip count vectorizes better (backward 13%
-  // faster than a min(kLanes, D - d0) bound on the encoder shape)
-  int64_t d0 = 0;
-  for (; d0 + kLanes <= D; d0 += kLanes) {
-    for (int64_t lane = 0; lane < kLanes; ++lane) {
-      const int64_t d = d0 + lane;
-      const scalar_t g = go[d];
-      dot0[lane] += g * v0[d];
-      dot1[lane] += g * v1[d];
-      dot2[lane] += g * v2[d];
-      dot3[lane] += g * v3[d];
-      gv0[d] += c0 * g;
-      gv1[d] += c1 * g;
-      gv2[d] += c2 * g;
-      gv3[d] += c3 * g;
-    }
+inline void store_from_opmath(scalar_t* data, const Vectorized<at::opmath_type<scalar_t>>& v) {
+  if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
+    v.store(data);
+  } else {
+    at::vec::convert_from_float<scalar_t>(v, v).store(data, Vectorized<float>::size());
   }
-  for (int64_t d = d0; d < D; ++d) {
-    const scalar_t g = go[d];
-    dot0[0] += g * v0[d];
-    dot1[0] += g * v1[d];
-    dot2[0] += g * v2[d];
-    dot3[0] += g * v3[d];
-    gv0[d] += c0 * g;
-    gv1[d] += c1 * g;
-    gv2[d] += c2 * g;
-    gv3[d] += c3 * g;
+}
+
+// Calls block(d, vectors) over [0, D) in blocks of kMaxVectorsPerBlock vectors, then the last
+// full vectors with a smaller compile-time count; returns where the scalar tail starts.
+template <typename opmath_t, typename Block>
+inline int64_t for_each_channel_block(int64_t D, const Block& block) {
+  constexpr int64_t width = Vectorized<opmath_t>::size();
+  int64_t d = 0;
+  for (; d + kMaxVectorsPerBlock * width <= D; d += kMaxVectorsPerBlock * width) {
+    block(d, std::integral_constant<int, kMaxVectorsPerBlock>{});
   }
-  dots[0] = dots[1] = dots[2] = dots[3] = 0;
-  for (int64_t lane = 0; lane < kLanes; ++lane) {
-    dots[0] += dot0[lane];
-    dots[1] += dot1[lane];
-    dots[2] += dot2[lane];
-    dots[3] += dot3[lane];
+  static_assert(kMaxVectorsPerBlock == 4, "the switch below covers 1..3 leftover vectors");
+  switch ((D - d) / width) {
+    case 3:
+      block(d, std::integral_constant<int, 3>{});
+      return d + 3 * width;
+    case 2:
+      block(d, std::integral_constant<int, 2>{});
+      return d + 2 * width;
+    case 1:
+      block(d, std::integral_constant<int, 1>{});
+      return d + width;
+    default:
+      return d;
   }
 }
 
@@ -100,41 +93,185 @@ Sizes sizes_of(const at::Tensor& value, const at::Tensor& sampling_locations) {
           sampling_locations.size(1), sampling_locations.size(3), sampling_locations.size(4)};
 }
 
+// Samples are processed in vectors of Vectorized<opmath_t>::size(); the per-sample arrays below
+// are padded to a whole number of vectors.
+template <typename opmath_t>
+int64_t padded_samples(int64_t samples) {
+  constexpr int64_t width = Vectorized<opmath_t>::size();
+  return (samples + width - 1) / width * width;
+}
+
+// The level of each of a query-head's L * P samples (sample i = p + P * l), so that the geometry
+// runs over the samples without an inner loop over levels.
+template <typename opmath_t>
+struct SampleLevels {
+  using int_t = at::vec::int_same_size_t<opmath_t>;
+
+  SampleLevels(const int64_t* spatial_shapes, const int64_t* level_start_index, const Sizes& s)
+      : width(std::make_unique<opmath_t[]>(padded_samples<opmath_t>(s.L * s.P))),
+        height(std::make_unique<opmath_t[]>(padded_samples<opmath_t>(s.L * s.P))),
+        width_int(std::make_unique<int_t[]>(padded_samples<opmath_t>(s.L * s.P))),
+        start(std::make_unique<int_t[]>(padded_samples<opmath_t>(s.L * s.P))) {
+    for (int64_t i = 0; i < padded_samples<opmath_t>(s.L * s.P); ++i) {
+      const int64_t l = i / s.P;
+      // padding lanes get W = H = -1, which no location is inside
+      const bool padding = l >= s.L;
+      width[i] = padding ? -1 : spatial_shapes[2 * l + 1];
+      height[i] = padding ? -1 : spatial_shapes[2 * l];
+      width_int[i] = padding ? -1 : spatial_shapes[2 * l + 1];
+      start[i] = padding ? 0 : level_start_index[l];
+    }
+  }
+
+  std::unique_ptr<opmath_t[]> width, height;
+  std::unique_ptr<int_t[]> width_int, start;
+};
+
+// The bilinear corners of one query-head's samples, as arrays indexed j = k * stride + i for
+// corner k (top-left, top-right, bottom-left, bottom-right) of sample i: its position in S
+// (`row`), whether it lies in the map (`valid`, 1 or 0) and its coefficient (attention weight
+// times bilinear weight). Corners outside are zero padding and skipped: reading them instead
+// would turn an infinite value into NaN.
+template <typename opmath_t>
+struct SampleGeometry {
+  using int_t = at::vec::int_same_size_t<opmath_t>;
+
+  explicit SampleGeometry(int64_t samples)
+      : stride(padded_samples<opmath_t>(samples)),
+        row(std::make_unique<int_t[]>(4 * stride)),
+        valid(std::make_unique<opmath_t[]>(4 * stride)),
+        coefficient(std::make_unique<opmath_t[]>(4 * stride)),
+        lw(std::make_unique<opmath_t[]>(stride)),
+        lh(std::make_unique<opmath_t[]>(stride)) {}
+
+  int64_t stride;
+  std::unique_ptr<int_t[]> row;
+  std::unique_ptr<opmath_t[]> valid, coefficient;
+  std::unique_ptr<opmath_t[]> lw, lh; // fractional part of x and y
+};
+
+// The geometry of bilinear_corners (bilinear.h, which the CUDA kernels use), a vector of samples
+// at a time. loc: (samples, 2) (x, y); attn: (samples,).
+template <typename opmath_t>
+inline void compute_geometry(
+    const opmath_t* loc,
+    const opmath_t* attn,
+    const SampleLevels<opmath_t>& levels,
+    int64_t samples,
+    SampleGeometry<opmath_t>& g) {
+  using Vec = Vectorized<opmath_t>;
+  using IVec = Vectorized<at::vec::int_same_size_t<opmath_t>>;
+  constexpr int64_t width = Vec::size();
+  const Vec zero(0), one(1), minus_one(-1), half(0.5);
+  for (int64_t i = 0; i < samples; i += width) {
+    // partial loads fill the padding lanes with zeros
+    const int64_t coordinates = 2 * std::min(width, samples - i);
+    const auto [loc_x, loc_y] = at::vec::deinterleave2(
+        Vec::loadu(loc + 2 * i, std::min(width, coordinates)),
+        Vec::loadu(loc + 2 * i + width, std::max<int64_t>(0, coordinates - width)));
+    const Vec W = Vec::loadu(levels.width.get() + i);
+    const Vec H = Vec::loadu(levels.height.get() + i);
+    // pixel centers at integer coordinates (align_corners=False)
+    const Vec x = loc_x * W - half;
+    const Vec y = loc_y * H - half;
+    // comparisons with NaN are false, so NaN locations are outside too
+    const Vec inside = (x > minus_one) & (y > minus_one) & (x < W) & (y < H);
+    // samples outside move to (0, 0), so the integer conversion below stays defined
+    const Vec xs = Vec::blendv(zero, x, inside);
+    const Vec ys = Vec::blendv(zero, y, inside);
+    const Vec x_floor = xs.floor(), y_floor = ys.floor();
+    const Vec lw = xs - x_floor, lh = ys - y_floor, hw = one - lw, hh = one - lh;
+    const Vec in_x0 = x_floor >= zero, in_x1 = x_floor + one < W;
+    const Vec in_y0 = inside & (y_floor >= zero), in_y1 = inside & (y_floor + one < H);
+    (in_y0 & in_x0 & one).store(g.valid.get() + i);
+    (in_y0 & in_x1 & one).store(g.valid.get() + g.stride + i);
+    (in_y1 & in_x0 & one).store(g.valid.get() + 2 * g.stride + i);
+    (in_y1 & in_x1 & one).store(g.valid.get() + 3 * g.stride + i);
+    const Vec a = Vec::loadu(attn + i, std::min(width, samples - i));
+    (a * hh * hw).store(g.coefficient.get() + i);
+    (a * hh * lw).store(g.coefficient.get() + g.stride + i);
+    (a * lh * hw).store(g.coefficient.get() + 2 * g.stride + i);
+    (a * lh * lw).store(g.coefficient.get() + 3 * g.stride + i);
+    lw.store(g.lw.get() + i);
+    lh.store(g.lh.get() + i);
+    const IVec W_int = IVec::loadu(levels.width_int.get() + i);
+    const IVec row00 = IVec::loadu(levels.start.get() + i) +
+        at::vec::convert_to_int_of_same_size(y_floor) * W_int +
+        at::vec::convert_to_int_of_same_size(x_floor);
+    const IVec row10 = row00 + W_int;
+    row00.store(g.row.get() + i);
+    (row00 + IVec(1)).store(g.row.get() + g.stride + i);
+    row10.store(g.row.get() + 2 * g.stride + i);
+    (row10 + IVec(1)).store(g.row.get() + 3 * g.stride + i);
+  }
+}
+
 template <typename scalar_t>
 void forward_kernel(
     const scalar_t* value,
     const int64_t* spatial_shapes,
     const int64_t* level_start_index,
-    const scalar_t* sampling_locations,
-    const scalar_t* attention_weights,
+    const at::opmath_type<scalar_t>* sampling_locations,
+    const at::opmath_type<scalar_t>* attention_weights,
     scalar_t* output,
     const Sizes& s) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<opmath_t>;
   const int64_t row_stride = s.M * s.D; // distance between consecutive positions in S
-  const int64_t grain = std::max<int64_t>(1, 2048 / (s.L * s.P * s.D + 1));
-  at::parallel_for(0, s.N * s.Lq * s.M, grain, [&](int64_t begin, int64_t end) {
-    const std::vector<scalar_t> zeros(s.D, scalar_t(0));
-    for (int64_t qh = begin; qh < end; ++qh) {
-      const int64_t m = qh % s.M;
-      const int64_t n = qh / (s.Lq * s.M);
-      const scalar_t* loc = sampling_locations + qh * s.L * s.P * 2;
-      const scalar_t* attn = attention_weights + qh * s.L * s.P;
-      const scalar_t* value_head = value + n * s.S * row_stride + m * s.D;
-      scalar_t* out = output + qh * s.D;
-      std::fill(out, out + s.D, scalar_t(0));
-      for (int64_t l = 0; l < s.L; ++l) {
-        const int64_t H = spatial_shapes[2 * l], W = spatial_shapes[2 * l + 1];
-        for (int64_t p = 0; p < s.P; ++p, loc += 2, ++attn) {
-          Bilinear<scalar_t> b;
-          if (!bilinear_corners(loc[0], loc[1], H, W, level_start_index[l], b)) {
-            continue;
+  const int64_t samples = s.L * s.P;
+  const SampleLevels<opmath_t> levels(spatial_shapes, level_start_index, s);
+  const int64_t query_heads = s.N * s.Lq * s.M;
+  // The threads take chunks of query-heads in turn rather than equal shares, so that a thread
+  // slowed down by other processes on the machine does not hold up the others.
+  const int64_t chunk = std::max<int64_t>(1, 32768 / (samples * s.D + 1));
+  std::atomic<int64_t> next_chunk{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    SampleGeometry<opmath_t> g(samples);
+    // the row each corner reads: its row of value, or zeros outside the map
+    const auto rows = std::make_unique<const scalar_t*[]>(4 * g.stride);
+    const auto zeros = std::make_unique<scalar_t[]>(s.D);
+    for (int64_t begin = next_chunk.fetch_add(chunk); begin < query_heads;
+         begin = next_chunk.fetch_add(chunk)) {
+      for (int64_t qh = begin; qh < std::min(begin + chunk, query_heads); ++qh) {
+        const int64_t m = qh % s.M;
+        const int64_t n = qh / (s.Lq * s.M);
+        compute_geometry(
+            sampling_locations + qh * samples * 2, attention_weights + qh * samples, levels,
+            samples, g);
+        const scalar_t* value_head = value + n * s.S * row_stride + m * s.D;
+        const int64_t corners = 4 * g.stride; // even: whole vectors of samples
+        for (int64_t j = 0; j < corners; ++j) {
+          rows[j] = g.valid[j] != 0 ? value_head + g.row[j] * row_stride : zeros.get();
+        }
+        const opmath_t* coefficients = g.coefficient.get();
+        scalar_t* out = output + qh * s.D;
+        const int64_t tail = for_each_channel_block<opmath_t>(s.D, [&](int64_t d, auto vectors) {
+          constexpr int kVectors = decltype(vectors)::value;
+          // two independent sums halve the chain of dependent multiply-adds
+          Vec sum[2][kVectors];
+          for (int v = 0; v < kVectors; ++v) {
+            sum[0][v] = sum[1][v] = Vec(opmath_t(0));
           }
-          const scalar_t* v[4];
-          scalar_t c[4];
-          for (int k = 0; k < 4; ++k) {
-            v[k] = b.row[k] >= 0 ? value_head + b.row[k] * row_stride : zeros.data();
-            c[k] = b.row[k] >= 0 ? *attn * b.weight[k] : scalar_t(0);
+          for (int64_t j = 0; j < corners; j += 2) {
+            for (int half = 0; half < 2; ++half) {
+              const scalar_t* row = rows[j + half] + d;
+              const Vec coefficient(coefficients[j + half]);
+              for (int v = 0; v < kVectors; ++v) {
+                sum[half][v] =
+                    at::vec::fmadd(coefficient, load_opmath(row + v * Vec::size()), sum[half][v]);
+              }
+            }
           }
-          accumulate_sample(out, v[0], v[1], v[2], v[3], c, s.D);
+          for (int v = 0; v < kVectors; ++v) {
+            store_from_opmath(out + d + v * Vec::size(), sum[0][v] + sum[1][v]);
+          }
+        });
+        for (int64_t d = tail; d < s.D; ++d) {
+          opmath_t sum = 0;
+          for (int64_t j = 0; j < corners; ++j) {
+            sum += coefficients[j] * static_cast<opmath_t>(rows[j][d]);
+          }
+          out[d] = static_cast<scalar_t>(sum);
         }
       }
     }
@@ -157,65 +294,86 @@ void backward_kernel(
     const scalar_t* value,
     const int64_t* spatial_shapes,
     const int64_t* level_start_index,
-    const scalar_t* sampling_locations,
-    const scalar_t* attention_weights,
+    const at::opmath_type<scalar_t>* sampling_locations,
+    const at::opmath_type<scalar_t>* attention_weights,
     const scalar_t* grad_output,
-    scalar_t* grad_value,
-    scalar_t* grad_sampling_locations,
-    scalar_t* grad_attention_weights,
+    at::opmath_type<scalar_t>* grad_value,
+    at::opmath_type<scalar_t>* grad_sampling_locations,
+    at::opmath_type<scalar_t>* grad_attention_weights,
     const Sizes& s) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<opmath_t>;
   const int64_t row_stride = s.M * s.D;
   const int64_t samples = s.L * s.P;
+  const SampleLevels<opmath_t> levels(spatial_shapes, level_start_index, s);
   // Wide tasks (all heads of a query in turn) read the query-major inputs and the value rows
   // sequentially (1.35x faster than a task per head on the encoder shape); narrower tasks are
   // made only when threads would otherwise sit idle.
   const int64_t heads_per_task = heads_per_backward_task(s.N, s.M);
   const int64_t tasks_per_batch = s.M / heads_per_task;
   at::parallel_for(0, s.N * tasks_per_batch, 1, [&](int64_t begin, int64_t end) {
-    const std::vector<scalar_t> zeros(s.D, scalar_t(0));
-    // gradients of corners outside the map land in these rows and are dropped
-    std::vector<scalar_t> sink(4 * s.D);
+    SampleGeometry<opmath_t> g(samples);
+    // dots[j]: grad_output . the value row of corner j (0 when invalid)
+    const auto dots = std::make_unique<opmath_t[]>(4 * g.stride);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / tasks_per_batch;
       const int64_t first_head = (task % tasks_per_batch) * heads_per_task;
-      const scalar_t* value_batch = value + n * s.S * row_stride;
-      scalar_t* grad_value_batch = grad_value + n * s.S * row_stride;
       for (int64_t q = 0; q < s.Lq; ++q) {
         for (int64_t m = first_head; m < first_head + heads_per_task; ++m) {
           const int64_t qh = (n * s.Lq + q) * s.M + m;
-          const scalar_t* value_head = value_batch + m * s.D;
-          scalar_t* grad_value_head = grad_value_batch + m * s.D;
+          const opmath_t* loc = sampling_locations + qh * samples * 2;
+          const opmath_t* attn = attention_weights + qh * samples;
+          compute_geometry(loc, attn, levels, samples, g);
+          std::fill(dots.get(), dots.get() + 4 * g.stride, opmath_t(0));
+          const scalar_t* value_head = value + n * s.S * row_stride + m * s.D;
+          opmath_t* grad_value_head = grad_value + n * s.S * row_stride + m * s.D;
           const scalar_t* go = grad_output + qh * s.D;
-          const scalar_t* loc = sampling_locations + qh * samples * 2;
-          const scalar_t* attn = attention_weights + qh * samples;
-          scalar_t* grad_loc = grad_sampling_locations + qh * samples * 2;
-          scalar_t* grad_attn = grad_attention_weights + qh * samples;
-          for (int64_t l = 0; l < s.L; ++l) {
-            const int64_t H = spatial_shapes[2 * l], W = spatial_shapes[2 * l + 1];
-            for (int64_t p = 0; p < s.P; ++p, loc += 2, grad_loc += 2, ++attn, ++grad_attn) {
-              Bilinear<scalar_t> b;
-              if (!bilinear_corners(loc[0], loc[1], H, W, level_start_index[l], b)) {
-                continue; // the outputs were zero-initialized
-              }
-              const scalar_t* v[4];
-              scalar_t* gv[4];
-              scalar_t c[4];
-              for (int k = 0; k < 4; ++k) {
-                const bool inside = b.row[k] >= 0;
-                v[k] = inside ? value_head + b.row[k] * row_stride : zeros.data();
-                gv[k] = inside ? grad_value_head + b.row[k] * row_stride : sink.data() + k * s.D;
-                c[k] = inside ? *attn * b.weight[k] : scalar_t(0);
-              }
-              scalar_t dots[4];
-              backward_sample(
-                  go, v[0], v[1], v[2], v[3], gv[0], gv[1], gv[2], gv[3], c, s.D, dots);
-              // sample = sum_k weight[k] * v[k], and the weights are bilinear in (x, y)
-              const scalar_t hw = 1 - b.lw, hh = 1 - b.lh;
-              *grad_attn = b.weight[0] * dots[0] + b.weight[1] * dots[1] +
-                  b.weight[2] * dots[2] + b.weight[3] * dots[3];
-              grad_loc[0] = *attn * W * (hh * (dots[1] - dots[0]) + b.lh * (dots[3] - dots[2]));
-              grad_loc[1] = *attn * H * (hw * (dots[2] - dots[0]) + b.lw * (dots[3] - dots[1]));
+          const int64_t tail = for_each_channel_block<opmath_t>(s.D, [&](int64_t d, auto vectors) {
+            constexpr int kVectors = decltype(vectors)::value;
+            Vec g_out[kVectors];
+            for (int v = 0; v < kVectors; ++v) {
+              g_out[v] = load_opmath(go + d + v * Vec::size());
             }
+            for (int64_t j = 0; j < 4 * g.stride; ++j) {
+              if (g.valid[j] == 0) {
+                continue;
+              }
+              const int64_t offset = g.row[j] * row_stride + d;
+              const scalar_t* row = value_head + offset;
+              opmath_t* grad_row = grad_value_head + offset;
+              const Vec coefficient(g.coefficient[j]);
+              Vec dot = g_out[0] * load_opmath(row);
+              for (int v = 1; v < kVectors; ++v) {
+                dot = at::vec::fmadd(g_out[v], load_opmath(row + v * Vec::size()), dot);
+              }
+              for (int v = 0; v < kVectors; ++v) {
+                opmath_t* grad = grad_row + v * Vec::size();
+                at::vec::fmadd(coefficient, g_out[v], Vec::loadu(grad)).store(grad);
+              }
+              dots[j] += at::vec::vec_reduce_all<opmath_t>(std::plus<Vec>(), dot);
+            }
+          });
+          for (int64_t d = tail; d < s.D; ++d) {
+            const opmath_t go_d = go[d];
+            for (int64_t j = 0; j < 4 * g.stride; ++j) {
+              if (g.valid[j] != 0) {
+                const int64_t offset = g.row[j] * row_stride + d;
+                dots[j] += go_d * static_cast<opmath_t>(value_head[offset]);
+                grad_value_head[offset] += g.coefficient[j] * go_d;
+              }
+            }
+          }
+          // sample = sum_k weight[k] * v[k], and the weights are bilinear in (x, y); samples
+          // outside the map have four zero dots and get zero gradients
+          opmath_t* grad_loc = grad_sampling_locations + qh * samples * 2;
+          opmath_t* grad_attn = grad_attention_weights + qh * samples;
+          for (int64_t i = 0; i < samples; ++i) {
+            const opmath_t d0 = dots[i], d1 = dots[g.stride + i];
+            const opmath_t d2 = dots[2 * g.stride + i], d3 = dots[3 * g.stride + i];
+            const opmath_t lw = g.lw[i], lh = g.lh[i], hw = 1 - lw, hh = 1 - lh;
+            grad_attn[i] = hh * hw * d0 + hh * lw * d1 + lh * hw * d2 + lh * lw * d3;
+            grad_loc[2 * i] = attn[i] * levels.width[i] * (hh * (d1 - d0) + lh * (d3 - d2));
+            grad_loc[2 * i + 1] = attn[i] * levels.height[i] * (hw * (d2 - d0) + lw * (d3 - d1));
           }
         }
       }
@@ -223,72 +381,49 @@ void backward_kernel(
   });
 }
 
-at::Tensor ms_deform_attn_forward_cpu(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights) {
-  check_ms_deform_attn_inputs(
-      value, spatial_shapes, level_start_index, sampling_locations, attention_weights, {},
-      /*value_may_be_reduced_precision=*/false);
-  const auto value_c = value.contiguous();
-  const auto shapes_c = spatial_shapes.contiguous();
-  const auto starts_c = level_start_index.contiguous();
-  const auto loc_c = sampling_locations.contiguous();
-  const auto attn_c = attention_weights.contiguous();
-  const Sizes s = sizes_of(value_c, loc_c);
-  auto output = at::empty({s.N, s.Lq, s.M * s.D}, value.options());
-  if (output.numel() == 0) {
-    return output;
-  }
-  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-    forward_kernel<scalar_t>(
-        value_c.data_ptr<scalar_t>(), shapes_c.data_ptr<int64_t>(), starts_c.data_ptr<int64_t>(),
-        loc_c.data_ptr<scalar_t>(), attn_c.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), s);
-  });
-  return output;
-}
+} // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
+void ms_deform_attn_forward_kernel(
     const at::Tensor& value,
     const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index,
     const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights,
-    const at::Tensor& grad_output) {
-  check_ms_deform_attn_inputs(
-      value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-      grad_output, /*value_may_be_reduced_precision=*/false);
-  const auto value_c = value.contiguous();
-  const auto shapes_c = spatial_shapes.contiguous();
-  const auto starts_c = level_start_index.contiguous();
-  const auto loc_c = sampling_locations.contiguous();
-  const auto attn_c = attention_weights.contiguous();
-  const auto grad_output_c = grad_output.contiguous();
-  const Sizes s = sizes_of(value_c, loc_c);
-  auto grad_value = at::zeros_like(value_c);
-  auto grad_locations = at::zeros_like(loc_c);
-  auto grad_weights = at::zeros_like(attn_c);
-  if (grad_output_c.numel() == 0) {
-    return {grad_value, grad_locations, grad_weights};
-  }
-  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-    backward_kernel<scalar_t>(
-        value_c.data_ptr<scalar_t>(), shapes_c.data_ptr<int64_t>(), starts_c.data_ptr<int64_t>(),
-        loc_c.data_ptr<scalar_t>(), attn_c.data_ptr<scalar_t>(),
-        grad_output_c.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(),
-        grad_locations.data_ptr<scalar_t>(), grad_weights.data_ptr<scalar_t>(), s);
-  });
-  return {grad_value, grad_locations, grad_weights};
+    at::Tensor& output) {
+  const Sizes s = sizes_of(value, sampling_locations);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        forward_kernel<scalar_t>(
+            value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
+            level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<opmath_t>(),
+            attention_weights.data_ptr<opmath_t>(), output.data_ptr<scalar_t>(), s);
+      });
 }
 
-} // namespace
-
-TORCH_LIBRARY_IMPL(deformable_detr, CPU, m) {
-  m.impl("ms_deform_attn_forward", &ms_deform_attn_forward_cpu);
-  m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
+void ms_deform_attn_backward_kernel(
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights,
+    const at::Tensor& grad_output,
+    at::Tensor& grad_value,
+    at::Tensor& grad_sampling_locations,
+    at::Tensor& grad_attention_weights) {
+  const Sizes s = sizes_of(value, sampling_locations);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        backward_kernel<scalar_t>(
+            value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
+            level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<opmath_t>(),
+            attention_weights.data_ptr<opmath_t>(), grad_output.data_ptr<scalar_t>(),
+            grad_value.data_ptr<opmath_t>(), grad_sampling_locations.data_ptr<opmath_t>(),
+            grad_attention_weights.data_ptr<opmath_t>(), s);
+      });
 }
 
+} // namespace CPU_CAPABILITY
 } // namespace ops
 } // namespace deformable_detr

@@ -279,21 +279,15 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
 
     Inputs are validated (ValueError naming the argument) and made contiguous. On CUDA the
     compiled op does not read ``spatial_shapes`` / ``level_start_index`` on the host (no sync):
-    a level that does not fit in ``value`` contributes nothing instead of raising. On CUDA the
-    op runs in ``value.dtype`` (float16 and bfloat16 accumulate in float32), with locations and
-    weights cast to that accumulation dtype. On the CPU float16 and bfloat16 values are
-    computed in float32; under CPU autocast the result is float32.
+    a level that does not fit in ``value`` contributes nothing instead of raising. The op runs
+    in ``value.dtype`` (float16 and bfloat16 accumulate in float32), with locations and weights
+    cast to that accumulation dtype.
     """
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     sampling_locations, attention_weights = _cast_to_opmath(
         value, sampling_locations, attention_weights
     )
     output_dtype = value.dtype
-    if value.device.type == "cpu" and value.dtype in _OPMATH_DTYPE:
-        # the CPU kernels take float and double; under CPU autocast the result stays float32
-        value = value.float()
-        if torch.is_autocast_enabled("cpu"):
-            output_dtype = torch.float32
     if active_implementation(value.device) == "pytorch":
         _check_levels(value, spatial_shapes, level_start_index)
         output = ms_deform_attn_pytorch(
