@@ -17,7 +17,7 @@ $(STAMP): $(SETUP_INPUTS)
 
 # `make demo SEED=7` trains with another seed than the config's.
 demo: setup
-	$(PY) tools/run_demo.py --config-file $(DEMO_CONFIG) --output output/demo $(if $(SEED),SEED $(SEED))
+	$(PY) tools/trees_demo.py --config-file $(DEMO_CONFIG) --output output/demo $(if $(SEED),SEED $(SEED))
 
 test: setup
 	$(PY) -m pytest -ra $(PYTEST_ARGS)

@@ -115,7 +115,7 @@ def profile_candidates(name, candidates, row_limit=12):
 def hf_diffs(model, image, hf, rows, args):
     """Max abs differences of the last decoder layer's logits and boxes: plugin vs HF."""
     with torch.no_grad(), autocast(args.device, args.dtype):
-        raw = model.forward_raw([{"image": image}])
+        raw = model.raw_outputs([{"image": image}])
         pixel_values = ((image - model.pixel_mean) / model.pixel_std)[None]
         outputs = hf(pixel_values=pixel_values, pixel_mask=torch.ones_like(pixel_values[:, 0]))
     logits = (raw["pred_logits"][-1].float() - outputs.logits[..., rows].float()).abs().max()
@@ -128,7 +128,7 @@ def bf16_diffs(model, image, args):
     raws = []
     for dtype in ("bf16", "fp32"):
         with use_implementation("compiled"), torch.no_grad(), autocast(args.device, dtype):
-            raws.append(model.forward_raw([{"image": image}]))
+            raws.append(model.raw_outputs([{"image": image}]))
     return tuple(
         (raws[0][key][-1].float() - raws[1][key][-1].float()).abs().max().item()
         for key in ("pred_logits", "pred_boxes")
@@ -140,7 +140,7 @@ def op_diffs(model, image, args):
     raws = []
     for impl in ("compiled", "pytorch"):
         with use_implementation(impl), torch.no_grad(), autocast(args.device, args.dtype):
-            raws.append(model.forward_raw([{"image": image}]))
+            raws.append(model.raw_outputs([{"image": image}]))
     return tuple(
         (raws[0][key][-1].float() - raws[1][key][-1].float()).abs().max().item()
         for key in ("pred_logits", "pred_boxes")

@@ -183,7 +183,7 @@ def test_hf_checkpoint_converts_loads_strictly_and_matches_hf_outputs(variant, t
 
     imgs = images()
     with torch.no_grad(), capture_sampling(model) as records:
-        raw = model.forward_raw([{"image": im} for im in imgs])
+        raw = model.raw_outputs([{"image": im} for im in imgs])
     mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(3, 1, 1)
     std = torch.tensor(cfg.MODEL.PIXEL_STD).view(3, 1, 1)
     # What HF's attention core receives: (value, shapes, shapes list, level starts, locations,

@@ -109,13 +109,13 @@ def test_forward_backward_reaches_every_trainable_parameter(variant):
 
 
 @pytest.mark.parametrize("variant", ["multi_scale", "two_stage"])
-def test_forward_raw_and_inference_outputs(variant):
+def test_raw_outputs_and_inference_outputs(variant):
     model = _model(variant)
     model.eval()
     batch = [{"image": torch.rand(3, 64, 80) * 255, "height": 128, "width": 160},
              {"image": torch.rand(3, 48, 64) * 255}]
     with torch.no_grad():
-        raw = model.forward_raw(batch)
+        raw = model.raw_outputs(batch)
         results = model(batch)
     assert raw["pred_logits"].shape == (2, 2, 12, 3)
     assert raw["pred_boxes"].shape == (2, 2, 12, 4)

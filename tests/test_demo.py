@@ -1,4 +1,4 @@
-"""End-to-end: `make demo`'s script on a tiny config, then demo.py on a photo (slow)."""
+"""End-to-end: `make demo`'s script on a tiny config, then predict.py on a photo (slow)."""
 import json
 import os
 import re
@@ -41,7 +41,7 @@ def demo_run(tmp_path_factory):
     out = root / "output"
     # Threshold 0: the 60-iteration model scores low, yet its detections are measured and drawn.
     stdout = _run(
-        ["tools/run_demo.py", "--config-file", CONFIG, "--output", str(out), "--num-vis", "2",
+        ["tools/trees_demo.py", "--config-file", CONFIG, "--output", str(out), "--num-vis", "2",
          "--vis-threshold", "0", *TINY],
         env,
     )
@@ -80,11 +80,11 @@ def test_short_training_lowers_loss_and_writes_outputs(demo_run):
 
 
 @pytest.mark.slow
-def test_demo_py_writes_image(demo_run, tmp_path):
+def test_predict_py_writes_image(demo_run, tmp_path):
     out, _, env = demo_run
     photo = os.path.join(deepforest_data_dir(), "OSBS_029.png")
     _run(
-        ["demo.py", "--config-file", CONFIG, "--input", photo, "--output", str(tmp_path),
+        ["predict.py", "--config-file", CONFIG, "--input", photo, "--output", str(tmp_path),
          "--confidence-threshold", "0.0", "--opts", "MODEL.WEIGHTS",
          str(out / "model_final.pth"), *TINY],
         env,
@@ -102,8 +102,8 @@ def test_demo_seed_is_fixed_by_the_config_and_varied_from_make():
     varied = subprocess.run(
         [*make, "SEED=7"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout
-    run = [line for line in fixed.splitlines() if "tools/run_demo.py" in line]
+    run = [line for line in fixed.splitlines() if "tools/trees_demo.py" in line]
     assert len(run) == 1 and "SEED" not in run[0]
-    assert [line for line in varied.splitlines() if "tools/run_demo.py" in line] == [
+    assert [line for line in varied.splitlines() if "tools/trees_demo.py" in line] == [
         run[0].rstrip() + " SEED 7"
     ]

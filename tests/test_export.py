@@ -83,7 +83,7 @@ def _eager(model, images, padding_mask):
 def _kept_proposals(model, images, padding_mask):
     """Per image, the valid encoder proposals that survive the proposal NMS, and their number."""
     with torch.no_grad():
-        encoder = model.forward_network(images, padding_mask)["enc_outputs"]
+        encoder = model.raw_outputs_from_tensors(images, padding_mask)["enc_outputs"]
     boxes = box_convert(encoder["pred_boxes"], "cxcywh", "xyxy")
     kept = []
     for b, s in zip(boxes, encoder["pred_logits"][..., 0]):
@@ -92,12 +92,12 @@ def _kept_proposals(model, images, padding_mask):
     return kept
 
 
-def test_wrapper_matches_forward_raw_on_a_padded_batch_of_mixed_sizes():
+def test_wrapper_matches_raw_outputs_on_a_padded_batch_of_mixed_sizes():
     model = _model("box_refine")
     batch = [{"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8)}
              for h, w in ((64, 96), (80, 56))]
     with torch.no_grad():
-        raw = model.forward_raw(batch)
+        raw = model.raw_outputs(batch)
         images, padding_mask = model.preprocess_image(batch)
         assert padding_mask.any()
         logits, boxes = ExportableDeformableDETR(model)(images.tensor, padding_mask)

@@ -40,8 +40,8 @@ def test_collect_env_reports_versions_and_kernels():
     "script",
     [
         "train_net.py",
-        "demo.py",
-        "tools/run_demo.py",
+        "predict.py",
+        "tools/trees_demo.py",
         "tools/check_dataset.py",
         "tools/export_model.py",
         "tools/convert_official_checkpoint.py",

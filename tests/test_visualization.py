@@ -141,10 +141,10 @@ def test_capture_in_a_model_equals_what_the_op_received(monkeypatch):
     model = _model("two_stage")
     batch = [{"image": torch.rand(3, 64, 80) * 255}, {"image": torch.rand(3, 48, 64) * 255}]
     with torch.no_grad():
-        expected = model.forward_raw(batch)
+        expected = model.raw_outputs(batch)
         received.clear()
         with capture_sampling(model) as records:
-            captured = model.forward_raw(batch)
+            captured = model.raw_outputs(batch)
     assert torch.equal(captured["pred_boxes"], expected["pred_boxes"])
     assert torch.equal(captured["pred_logits"], expected["pred_logits"])
     # Encoder layers then decoder layers: the order of named_modules and of the calls.
@@ -183,7 +183,7 @@ def test_detections_carry_their_own_querys_sampling(variant):
     inputs = [{"image": image, "height": 128, "width": 160}]
     (result,) = explain_detections(model, inputs, score_thresh=0.0)
     with torch.no_grad():
-        raw = model.forward_raw(inputs)
+        raw = model.raw_outputs(inputs)
     assert len(result["detections"]) == len(result["instances"]) > 0
     scale = torch.tensor([160, 128, 160, 128])
     for detection in result["detections"]:

@@ -256,7 +256,7 @@ def load_config(config_file: str, opts=()):
 
 
 def inference_config(config_file: str, opts=(), device: str = None):
-    """The frozen config of an inference tool (``demo.py``, ``tools/*``): :func:`load_config`,
+    """The frozen config of an inference tool (``predict.py``, ``tools/*``): :func:`load_config`,
     the class names of user COCO datasets (e.g. from a saved config.yaml) and ``device``
     instead of ``MODEL.DEVICE`` when given."""
     cfg = load_config(config_file, opts)

@@ -1,7 +1,7 @@
 """Export of the inference network to ``torch.export`` programs and ONNX files, and their check.
 
-What is exported is :meth:`DeformableDETR.forward_network`: backbone, neck, transformer and the
-heads (the last decoder layer's outputs), on images already normalized and padded, without
+What is exported is :meth:`DeformableDETR.raw_outputs_from_tensors`: backbone, neck, transformer
+and the heads (the last decoder layer's outputs), on images already normalized and padded, without
 Detectron2's post-processing (top-k and test-time NMS stay in Python:
 :func:`deformable_detr.modeling.select_detections`, which needs no model).
 
@@ -59,8 +59,8 @@ class ExportableDeformableDETR(nn.Module):
     ``images`` (N, 3, H, W) normalized and padded, ``padding_mask`` (N, H, W) bool, True on
     padding (both as :meth:`DeformableDETR.preprocess_image` makes them) -> ``pred_logits``
     (N, Q, K) and ``pred_boxes`` (N, Q, 4) of the last decoder layer, boxes normalized
-    (cx, cy, w, h) relative to each image's unpadded size, as ``forward_raw`` returns them.
-    ``forward_raw`` itself does not export: ``ImageList`` computes the padded size as a tensor.
+    (cx, cy, w, h) relative to each image's unpadded size, as ``raw_outputs`` returns them.
+    ``raw_outputs`` itself does not export: ``ImageList`` computes the padded size as a tensor.
     """
 
     def __init__(self, model: nn.Module):
@@ -70,7 +70,7 @@ class ExportableDeformableDETR(nn.Module):
     def forward(
         self, images: torch.Tensor, padding_mask: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        raw = self.model.forward_network(images, padding_mask)
+        raw = self.model.raw_outputs_from_tensors(images, padding_mask)
         return raw["pred_logits"][-1], raw["pred_boxes"][-1]
 
 

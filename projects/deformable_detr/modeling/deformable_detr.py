@@ -170,20 +170,20 @@ class DeformableDETR(nn.Module):
             mask[:img_h, :img_w] = False
         return images, padding_mask
 
-    def forward_raw(self, batched_inputs: List[Dict]) -> Dict[str, object]:
+    def raw_outputs(self, batched_inputs: List[Dict]) -> Dict[str, object]:
         """
         Run the network without losses or post-processing.
 
         Returns:
-            the dict of :meth:`forward_network`, plus "image_sizes": list of N (h, w) of the
-            resized images, by which the boxes are normalized.
+            the dict of :meth:`raw_outputs_from_tensors`, plus "image_sizes": list of N (h, w) of
+            the resized images, by which the boxes are normalized.
         """
         images, padding_mask = self.preprocess_image(batched_inputs)
-        raw = self.forward_network(images.tensor, padding_mask)
+        raw = self.raw_outputs_from_tensors(images.tensor, padding_mask)
         raw["image_sizes"] = images.image_sizes
         return raw
 
-    def forward_network(self, images: torch.Tensor, padding_mask: torch.Tensor) -> Dict:
+    def raw_outputs_from_tensors(self, images: torch.Tensor, padding_mask: torch.Tensor) -> Dict:
         """
         The network on tensors (traceable: no ``ImageList``, no data-dependent Python).
 
@@ -214,7 +214,7 @@ class DeformableDETR(nn.Module):
         """
         if self.training and any("instances" not in x for x in batched_inputs):
             raise ValueError("training inputs must all contain 'instances'")
-        raw = self.forward_raw(batched_inputs)
+        raw = self.raw_outputs(batched_inputs)
         if self.training:
             targets = self.prepare_targets(
                 [x["instances"].to(self.device) for x in batched_inputs], raw["image_sizes"]

@@ -35,7 +35,7 @@ try:
         mean_inside_box_share,
     )
 except ImportError as e:
-    sys.exit(f"run_demo.py: {e}. Run `make setup` (or use .venv/bin/python).")
+    sys.exit(f"trees_demo.py: {e}. Run `make setup` (or use .venv/bin/python).")
 
 
 def plot_metrics(metrics_file, out_file):

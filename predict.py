@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run a trained Deformable DETR on images or a video and draw its detections.
 
-    python demo.py --config-file configs/demo/deformable_detr_mnv2_trees.yaml \
+    python predict.py --config-file configs/demo/deformable_detr_mnv2_trees.yaml \
         --input photos/*.png --output out/ --opts MODEL.WEIGHTS output/demo/model_final.pth
 
 ``--input`` takes image files, globs, folders (every image inside) or one video file; without
@@ -25,7 +25,7 @@ try:
     from deformable_detr.engine import inference_config
     from deformable_detr.errors import UserInputError
 except ImportError as e:
-    sys.exit(f"demo.py: {e}. Run `make setup` (or use .venv/bin/python).")
+    sys.exit(f"predict.py: {e}. Run `make setup` (or use .venv/bin/python).")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
@@ -123,7 +123,7 @@ def main(args):
     try:
         cfg = inference_config(args.config_file, args.opts, args.device)
     except UserInputError as error:
-        sys.exit(f"demo.py: error: {error}")
+        sys.exit(f"predict.py: error: {error}")
     predictor = DefaultPredictor(cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     if len(args.input) == 1 and args.input[0].lower().endswith(VIDEO_EXTENSIONS):
