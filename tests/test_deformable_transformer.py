@@ -30,12 +30,12 @@ def _inputs(n=2, shapes=((8, 10), (4, 5)), pad_right_of_image1=True):
     return srcs, masks, pos
 
 
-def _transformer(two_stage=False, levels=2):
+def _transformer(two_stage=False, levels=2, **options):
     torch.manual_seed(0)
     return DeformableTransformer(
         d_model=D, nhead=2, num_encoder_layers=2, num_decoder_layers=3, dim_feedforward=64,
         dropout=0.0, num_feature_levels=levels, dec_n_points=2, enc_n_points=2,
-        two_stage=two_stage, two_stage_num_proposals=7,
+        two_stage=two_stage, two_stage_num_proposals=7, **options,
     )
 
 
@@ -166,6 +166,29 @@ def test_forward_box_refinement_feeds_each_layers_detached_boxes_to_the_next():
     previous_grad = heads.bbox_embed[1].layers[0].weight.grad  # zeros from the stack, or None
     assert previous_grad is None or not previous_grad.any()
     assert heads.bbox_embed[2].layers[0].weight.grad.abs().sum() > 0
+
+
+def _box_head_grads(heads, loss_layer, look_forward_twice):
+    t = _transformer(look_forward_twice=look_forward_twice)
+    torch.manual_seed(2)
+    outputs = t(*_inputs(), heads, torch.randn(9, 2 * D))
+    heads.zero_grad(set_to_none=True)
+    outputs["pred_boxes"][loss_layer].sum().backward()
+    return outputs, [
+        head.layers[0].weight.grad is not None and bool(head.layers[0].weight.grad.any())
+        for head in heads.bbox_embed
+    ]
+
+
+def test_look_forward_twice_moves_the_detach_one_layer_back_with_the_same_outputs():
+    heads = _heads(with_box_refine=True)
+    plain, plain_grads = _box_head_grads(heads, 2, look_forward_twice=False)
+    twice, twice_grads = _box_head_grads(heads, 2, look_forward_twice=True)
+    torch.testing.assert_close(twice["pred_boxes"], plain["pred_boxes"], rtol=0, atol=0)
+    torch.testing.assert_close(twice["pred_logits"], plain["pred_logits"], rtol=0, atol=0)
+    # Layer 2's box loss trains layer 1's box head too, but not layer 0's.
+    assert plain_grads == [False, False, True]
+    assert twice_grads == [False, True, True]
 
 
 def test_forward_two_stage_queries_start_on_the_top_proposals():

@@ -43,6 +43,9 @@ def add_deformable_detr_config(cfg):
     _C.DEC_N_POINTS = 4
     # Iterative bounding box refinement: one box/class head per decoder layer.
     _C.WITH_BOX_REFINE = False
+    # Look forward twice (DINO), with WITH_BOX_REFINE: a layer's box loss also trains the previous
+    # layer's box head (the previous boxes are detached only as the next layer's reference).
+    _C.LOOK_FORWARD_TWICE = False
     # Per-class NMS IoU threshold at inference. 1.0 keeps the set prediction as it is (the paper,
     # no NMS); below 1 it removes the duplicates a briefly trained model still predicts.
     _C.NMS_THRESH_TEST = 1.0
@@ -120,6 +123,11 @@ def check_deformable_detr_config(cfg) -> None:
         raise ValueError(
             "MODEL.DEFORMABLE_DETR.TWO_STAGE.ENABLED True requires WITH_BOX_REFINE True (as the "
             "official code: with_box_refine=True is needed by two_stage)"
+        )
+    if dd.LOOK_FORWARD_TWICE and not dd.WITH_BOX_REFINE:
+        raise ValueError(
+            "MODEL.DEFORMABLE_DETR.LOOK_FORWARD_TWICE True acts on iterative box refinement: set "
+            "WITH_BOX_REFINE True"
         )
     if not dd.TWO_STAGE.ENABLED and (
         dd.MATCHER.ENCODER_REPEATS > 1 or dd.TWO_STAGE.PROPOSAL_NMS_THRESH < 1.0

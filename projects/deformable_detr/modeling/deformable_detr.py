@@ -114,6 +114,7 @@ class DeformableDETR(nn.Module):
             two_stage=dd.TWO_STAGE.ENABLED,
             two_stage_num_proposals=dd.TWO_STAGE.NUM_PROPOSALS,
             two_stage_proposal_nms_thresh=dd.TWO_STAGE.PROPOSAL_NMS_THRESH,
+            look_forward_twice=dd.LOOK_FORWARD_TWICE,
         )
         matcher = HungarianMatcher(
             cost_class=dd.MATCHER.COST_CLASS,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import MSDeformAttn
-from .heads import PredictionHeads
+from .heads import PredictionHeads, refine_boxes
 from .two_stage import encoder_proposals, proposal_position_embedding, select_proposals, valid_sizes
 
 
@@ -169,19 +169,22 @@ class DeformableTransformerDecoderLayer(nn.Module):
 
     def forward(
         self, tgt, query_pos, reference_points, src, src_spatial_shapes, level_start_index,
-        src_padding_mask,
+        src_padding_mask, self_attn_mask=None,
     ):
         """
         Args:
             tgt, query_pos: (N, Q, C) query contents and query position embeddings.
             reference_points: (N, Q, L, 2) or (N, Q, L, 4) normalized, per level.
             src: (N, S, C) encoder memory; src_padding_mask: (N, S) bool.
+            self_attn_mask: (Q, Q) bool, True where query i may not attend to query j.
 
         Returns:
             (N, Q, C)
         """
         q = k = tgt + query_pos
-        tgt2 = self.self_attn(q.transpose(0, 1), k.transpose(0, 1), tgt.transpose(0, 1))[0]
+        tgt2 = self.self_attn(
+            q.transpose(0, 1), k.transpose(0, 1), tgt.transpose(0, 1), attn_mask=self_attn_mask
+        )[0]
         tgt = self.norm2(tgt + self.dropout2(tgt2.transpose(0, 1)))
 
         tgt2 = self.cross_attn(
@@ -198,17 +201,21 @@ class DeformableTransformerDecoder(nn.Module):
     """
     Stack of decoder layers, each followed by its prediction head. With box refinement each
     layer's boxes become the next layer's reference, detached as in the official code (the next
-    layer's loss does not train this layer's box head).
+    layer's loss does not train this layer's box head). With ``look_forward_twice`` (DINO) the
+    detach moves: the next layer's reference stays detached, but the boxes a layer outputs for its
+    loss are refined from the previous layer's undetached boxes, so that loss also trains the
+    previous layer's box head. The values are the same either way.
     """
 
-    def __init__(self, decoder_layer: nn.Module, num_layers: int):
+    def __init__(self, decoder_layer: nn.Module, num_layers: int, look_forward_twice: bool = False):
         super().__init__()
         self.layers = _get_clones(decoder_layer, num_layers)
         self.num_layers = num_layers
+        self.look_forward_twice = look_forward_twice
 
     def forward(
         self, tgt, query_pos, reference_points, memory, levels: FlattenedLevels,
-        heads: PredictionHeads,
+        heads: PredictionHeads, self_attn_mask: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -216,11 +223,13 @@ class DeformableTransformerDecoder(nn.Module):
             reference_points: (N, Q, 2) or (N, Q, 4) normalized to the valid image region.
             memory: (N, S, C) encoder output over ``levels``.
             heads: the detector's heads, called once per layer.
+            self_attn_mask: (Q, Q) bool, True where query i may not attend to query j.
 
         Returns:
             logits (num_layers, N, Q, K) and boxes (num_layers, N, Q, 4) of every layer.
         """
         output = tgt
+        previous_boxes = reference_points  # undetached, for look forward twice
         all_logits, all_boxes = [], []
         for lid, layer in enumerate(self.layers):
             ratios = levels.valid_ratios
@@ -229,10 +238,14 @@ class DeformableTransformerDecoder(nn.Module):
             output = layer(
                 output, query_pos, reference_points[:, :, None] * ratios[:, None], memory,
                 levels.spatial_shapes, levels.level_start_index, levels.padding_mask,
+                self_attn_mask,
             )
-            logits, boxes = heads(lid, output, reference_points)
+            logits, delta = heads.predict(lid, output)
+            boxes = refine_boxes(delta, reference_points)
             if heads.with_box_refine:
-                reference_points = boxes.detach()
+                if self.look_forward_twice:
+                    boxes, previous_boxes = refine_boxes(delta, previous_boxes), boxes
+                reference_points = (previous_boxes if self.look_forward_twice else boxes).detach()
             all_logits.append(logits)
             all_boxes.append(boxes)
         return torch.stack(all_logits), torch.stack(all_boxes)
@@ -259,6 +272,7 @@ class DeformableTransformer(nn.Module):
         two_stage: bool = False,
         two_stage_num_proposals: int = 300,
         two_stage_proposal_nms_thresh: float = 1.0,
+        look_forward_twice: bool = False,
     ):
         super().__init__()
         if not 0.0 < two_stage_proposal_nms_thresh <= 1.0:
@@ -279,7 +293,9 @@ class DeformableTransformer(nn.Module):
         decoder_layer = DeformableTransformerDecoderLayer(
             d_model, dim_feedforward, dropout, num_feature_levels, nhead, dec_n_points
         )
-        self.decoder = DeformableTransformerDecoder(decoder_layer, num_decoder_layers)
+        self.decoder = DeformableTransformerDecoder(
+            decoder_layer, num_decoder_layers, look_forward_twice
+        )
 
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if two_stage:
