@@ -182,11 +182,18 @@ def test_inference_nms_removes_duplicates_only_when_enabled():
 
 
 @pytest.mark.parametrize("key, value", [("MATCHER.ENCODER_REPEATS", 4),
-                                        ("TWO_STAGE.PROPOSAL_NMS_THRESH", 0.7)])
+                                        ("TWO_STAGE.PROPOSAL_NMS_THRESH", 0.7),
+                                        ("TWO_STAGE.MIXED_QUERY_SELECTION", True)])
 def test_two_stage_options_without_two_stage_are_an_error(key, value):
     with pytest.raises(ValueError, match=key):
         _model("box_refine", **{key: value})
     _model("two_stage", **{key: value})
+
+
+def test_look_forward_twice_without_box_refine_is_an_error():
+    with pytest.raises(ValueError, match="LOOK_FORWARD_TWICE"):
+        _model("multi_scale", LOOK_FORWARD_TWICE=True)
+    assert _model("box_refine", LOOK_FORWARD_TWICE=True).transformer.decoder.look_forward_twice
 
 
 def test_one_to_many_without_nms_warns(caplog):

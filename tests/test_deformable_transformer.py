@@ -8,6 +8,7 @@ from deformable_detr.layers import MSDeformAttn
 from deformable_detr.modeling.deformable_transformer import (
     DeformableTransformer,
     DeformableTransformerEncoder,
+    flatten_levels,
     valid_ratio,
 )
 from deformable_detr.modeling.heads import PredictionHeads, inverse_sigmoid
@@ -204,6 +205,30 @@ def test_forward_two_stage_queries_start_on_the_top_proposals():
     first = references[0][0, :, 0] / torch.cat([valid_ratio(_inputs()[1][0])[0]] * 2)
     torch.testing.assert_close(first, encoder["pred_boxes"][0, top], rtol=1e-6, atol=1e-6)
     assert heads.encoder_head_index == 3
+
+
+def test_mixed_query_selection_learns_contents_and_takes_positions_from_the_proposals():
+    t = _transformer(two_stage=True, mixed_query_selection=True)
+    heads = _heads(with_box_refine=True, two_stage=True)
+    srcs, masks, pos = _inputs()
+    levels = flatten_levels(srcs, masks, pos, t.level_embed)
+    memory = t.encoder(levels)
+    query_pos, tgt, reference, encoder = t.two_stage_queries(memory, levels, heads)
+    assert query_pos.shape == tgt.shape == (2, 7, D)
+    for image in range(2):  # the same learned contents in every image
+        torch.testing.assert_close(tgt[image], t.tgt_embed.weight, rtol=0, atol=0)
+    top = encoder["pred_logits"][:, :, 0].topk(7).indices
+    torch.testing.assert_close(
+        reference, torch.stack([encoder["pred_boxes"][i, top[i]] for i in range(2)]),
+        rtol=1e-6, atol=1e-6,
+    )
+    expected_pos = t.pos_trans_norm(t.pos_trans(
+        proposal_position_embedding(inverse_sigmoid(reference), D)
+    ))
+    torch.testing.assert_close(query_pos, expected_pos, rtol=1e-4, atol=1e-4)
+    assert t(srcs, masks, pos, heads)["pred_boxes"].shape == (3, 2, 7, 4)
+    with pytest.raises(ValueError, match="two_stage"):
+        _transformer(two_stage=False, mixed_query_selection=True)
 
 
 def test_distinct_topk_proposals_suppress_overlaps_then_fill():

@@ -58,6 +58,9 @@ def add_deformable_detr_config(cfg):
     # Class-agnostic NMS IoU threshold applied to the encoder proposals before that top-k, so the
     # queries are distinct (DDQ-DETR); 1.0 is the paper's plain top-k.
     _C.TWO_STAGE.PROPOSAL_NMS_THRESH = 1.0
+    # Mixed query selection (DINO): the proposals give the reference boxes and positional
+    # queries, the content queries are a learned embedding (one per proposal).
+    _C.TWO_STAGE.MIXED_QUERY_SELECTION = False
 
     _C.MATCHER = CN()
     # Matching cost weights of the Hungarian matcher.
@@ -131,10 +134,12 @@ def check_deformable_detr_config(cfg) -> None:
         )
     if not dd.TWO_STAGE.ENABLED and (
         dd.MATCHER.ENCODER_REPEATS > 1 or dd.TWO_STAGE.PROPOSAL_NMS_THRESH < 1.0
+        or dd.TWO_STAGE.MIXED_QUERY_SELECTION
     ):
         raise ValueError(
-            "MATCHER.ENCODER_REPEATS and TWO_STAGE.PROPOSAL_NMS_THRESH act on the two-stage "
-            "encoder proposals: set MODEL.DEFORMABLE_DETR.TWO_STAGE.ENABLED True or leave them at 1"
+            "MATCHER.ENCODER_REPEATS, TWO_STAGE.PROPOSAL_NMS_THRESH and "
+            "TWO_STAGE.MIXED_QUERY_SELECTION act on the two-stage encoder proposals: set "
+            "MODEL.DEFORMABLE_DETR.TWO_STAGE.ENABLED True or leave them at their defaults"
         )
     if dd.MATCHER.DECODER_REPEATS > 1 and dd.NMS_THRESH_TEST == 1.0:
         logger.warning(

@@ -115,6 +115,7 @@ class DeformableDETR(nn.Module):
             two_stage_num_proposals=dd.TWO_STAGE.NUM_PROPOSALS,
             two_stage_proposal_nms_thresh=dd.TWO_STAGE.PROPOSAL_NMS_THRESH,
             look_forward_twice=dd.LOOK_FORWARD_TWICE,
+            mixed_query_selection=dd.TWO_STAGE.MIXED_QUERY_SELECTION,
         )
         matcher = HungarianMatcher(
             cost_class=dd.MATCHER.COST_CLASS,

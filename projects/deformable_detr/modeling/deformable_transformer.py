@@ -273,6 +273,7 @@ class DeformableTransformer(nn.Module):
         two_stage_num_proposals: int = 300,
         two_stage_proposal_nms_thresh: float = 1.0,
         look_forward_twice: bool = False,
+        mixed_query_selection: bool = False,
     ):
         super().__init__()
         if not 0.0 < two_stage_proposal_nms_thresh <= 1.0:
@@ -285,6 +286,9 @@ class DeformableTransformer(nn.Module):
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
         self.two_stage_proposal_nms_thresh = two_stage_proposal_nms_thresh
+        if mixed_query_selection and not two_stage:
+            raise ValueError("mixed_query_selection=True requires two_stage=True")
+        self.mixed_query_selection = mixed_query_selection
 
         encoder_layer = DeformableTransformerEncoderLayer(
             d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points
@@ -301,8 +305,13 @@ class DeformableTransformer(nn.Module):
         if two_stage:
             self.enc_output = nn.Linear(d_model, d_model)
             self.enc_output_norm = nn.LayerNorm(d_model)
-            self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
-            self.pos_trans_norm = nn.LayerNorm(d_model * 2)
+            # Mixed query selection (DINO): the proposals give only the positional queries, the
+            # content queries are learned.
+            query_parts = 1 if mixed_query_selection else 2
+            self.pos_trans = nn.Linear(d_model * 2, d_model * query_parts)
+            self.pos_trans_norm = nn.LayerNorm(d_model * query_parts)
+            if mixed_query_selection:
+                self.tgt_embed = nn.Embedding(two_stage_num_proposals, d_model)
         else:
             self.reference_points = nn.Linear(d_model, 2)
         self._reset_parameters()
@@ -325,7 +334,8 @@ class DeformableTransformer(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
         """
         Scores every encoder position's proposal with the heads' encoder head and turns the
-        top ``two_stage_num_proposals`` into queries.
+        top ``two_stage_num_proposals`` into queries: reference boxes, positional queries and
+        (unless ``mixed_query_selection``, where they are learned) content queries.
 
         Returns:
             query_pos, tgt: (N, K, C) each; reference_points: (N, K, 4) normalized boxes;
@@ -347,7 +357,11 @@ class DeformableTransformer(nn.Module):
         pos_trans_out = self.pos_trans_norm(
             self.pos_trans(proposal_position_embedding(topk_coords_unact, self.d_model))
         )
-        query_pos, tgt = torch.split(pos_trans_out, self.d_model, dim=2)
+        if self.mixed_query_selection:
+            query_pos = pos_trans_out
+            tgt = self.tgt_embed.weight[:topk].unsqueeze(0).expand(memory.shape[0], -1, -1)
+        else:
+            query_pos, tgt = torch.split(pos_trans_out, self.d_model, dim=2)
         encoder_outputs = {"pred_logits": enc_logits, "pred_boxes": enc_coords_unact.sigmoid()}
         return query_pos, tgt, topk_coords_unact.sigmoid(), encoder_outputs
 
