@@ -94,6 +94,12 @@ def add_deformable_detr_config(cfg):
     cfg.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1
     # Optimizer: "ADAMW" or "SGD".
     cfg.SOLVER.OPTIMIZER = "ADAMW"
+    cfg.SOLVER.EMA = CN()
+    # Exponential moving average of the weights (detrex's model_ema), updated after every step,
+    # used by the periodic evaluation and saved in the checkpoints under "ema".
+    cfg.SOLVER.EMA.ENABLED = False
+    # Weight of the old average at each update.
+    cfg.SOLVER.EMA.DECAY = 0.999
 
     cfg.INPUT.DETR_CROP = CN()
     # DETR-style random crop: applied with probability PROB after a resize to one of RESIZE_SIZES.
