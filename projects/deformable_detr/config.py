@@ -62,6 +62,18 @@ def add_deformable_detr_config(cfg):
     # queries, the content queries are a learned embedding (one per proposal).
     _C.TWO_STAGE.MIXED_QUERY_SELECTION = False
 
+    _C.DENOISING = CN()
+    # Denoising training (DN-DETR, contrastive as DINO's CDN): during training only, extra decoder
+    # queries from noised ground-truth boxes and labels learn to reconstruct them (positives) or
+    # to predict no object (negatives), behind a self-attention mask.
+    _C.DENOISING.ENABLED = False
+    # Budget of denoising queries per image: groups of 2 x (most boxes in an image of the batch).
+    _C.DENOISING.NUM_QUERIES = 100
+    # Twice the probability that a denoising query's label is replaced by a random class.
+    _C.DENOISING.LABEL_NOISE_RATIO = 0.5
+    # Box corner noise in half box sizes: positives below it, negatives between 1x and 2x it.
+    _C.DENOISING.BOX_NOISE_SCALE = 1.0
+
     _C.MATCHER = CN()
     # Matching cost weights of the Hungarian matcher.
     _C.MATCHER.COST_CLASS = 2.0

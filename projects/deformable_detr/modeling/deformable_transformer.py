@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import MSDeformAttn
+from .denoising import DenoisingQueries, denoising_attention_mask
 from .heads import PredictionHeads, refine_boxes
 from .two_stage import encoder_proposals, proposal_position_embedding, select_proposals, valid_sizes
 
@@ -372,17 +373,21 @@ class DeformableTransformer(nn.Module):
         pos_embeds: List[torch.Tensor],
         heads: PredictionHeads,
         query_embed: Optional[torch.Tensor] = None,
+        denoising: Optional[DenoisingQueries] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
             srcs, pos_embeds: per level (N, C, H_l, W_l); masks: per level (N, H_l, W_l) bool.
             heads: the detector's prediction heads.
             query_embed: (Q, 2C) learned query position + content; None for two-stage.
+            denoising: training only, D denoising queries decoded before the Q matching ones,
+                behind :func:`denoising_attention_mask`.
 
         Returns:
             dict with "pred_logits" (num_decoder_layers, N, Q, K) and "pred_boxes"
-            (num_decoder_layers, N, Q, 4) normalized cxcywh of every decoder layer, and for
-            two-stage "enc_outputs" (see :meth:`two_stage_queries`).
+            (num_decoder_layers, N, Q, 4) normalized cxcywh of every decoder layer, for
+            two-stage "enc_outputs" (see :meth:`two_stage_queries`), and with ``denoising``
+            "denoising", a dict of the same "pred_logits" and "pred_boxes" for the D queries.
         """
         if not self.two_stage and query_embed is None:
             raise ValueError("query_embed (Q, 2C) is required unless two_stage=True")
@@ -400,7 +405,27 @@ class DeformableTransformer(nn.Module):
             query_pos = query_pos.unsqueeze(0).expand(bs, -1, -1)
             tgt = tgt.unsqueeze(0).expand(bs, -1, -1)
             reference_points = self.reference_points(query_pos).sigmoid()
-        outputs["pred_logits"], outputs["pred_boxes"] = self.decoder(
-            tgt, query_pos, reference_points, memory, levels, heads
+        if denoising is None:
+            outputs["pred_logits"], outputs["pred_boxes"] = self.decoder(
+                tgt, query_pos, reference_points, memory, levels, heads
+            )
+            return outputs
+        num_denoising = denoising.content.shape[1]
+        mask = denoising_attention_mask(
+            num_denoising, denoising.group_size, tgt.shape[1], device=tgt.device
         )
+        # One-stage references are points: the denoising queries then start at the box centres.
+        dn_reference = denoising.reference[..., : reference_points.shape[-1]]
+        logits, boxes = self.decoder(
+            torch.cat([denoising.content, tgt], 1),
+            torch.cat([denoising.query_pos, query_pos], 1),
+            torch.cat([dn_reference, reference_points], 1),
+            memory, levels, heads, mask,
+        )
+        outputs["denoising"] = {
+            "pred_logits": logits[:, :, :num_denoising],
+            "pred_boxes": boxes[:, :, :num_denoising],
+        }
+        outputs["pred_logits"] = logits[:, :, num_denoising:]
+        outputs["pred_boxes"] = boxes[:, :, num_denoising:]
         return outputs
