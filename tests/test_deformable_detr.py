@@ -80,8 +80,11 @@ def test_forward_backward_reaches_every_trainable_parameter(variant):
     model.train()
     losses = model(_batch())
     expected = {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_bbox_0", "loss_giou_0"}
-    if variant == "two_stage":
+    if variant in ("two_stage", "dino_style"):
         expected |= {"loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"}
+    if variant == "dino_style":
+        expected |= {f"{name}_dn{layer}" for name in ("loss_ce", "loss_bbox", "loss_giou")
+                     for layer in ("", "_0")}
     assert set(losses) == expected
     assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
 
@@ -108,7 +111,7 @@ def test_forward_backward_reaches_every_trainable_parameter(variant):
     assert missing == []
 
 
-@pytest.mark.parametrize("variant", ["multi_scale", "two_stage"])
+@pytest.mark.parametrize("variant", ["multi_scale", "two_stage", "dino_style"])
 def test_forward_raw_and_inference_outputs(variant):
     model = _model(variant)
     model.eval()
@@ -121,7 +124,8 @@ def test_forward_raw_and_inference_outputs(variant):
     assert raw["pred_boxes"].shape == (2, 2, 12, 4)
     assert ((raw["pred_boxes"] >= 0) & (raw["pred_boxes"] <= 1)).all()
     assert raw["image_sizes"] == [(64, 80), (48, 64)]
-    assert ("enc_outputs" in raw) == (variant == "two_stage")
+    assert ("enc_outputs" in raw) == (variant != "multi_scale")
+    assert "denoising" not in raw
 
     assert len(results) == 2
     first, second = results[0]["instances"], results[1]["instances"]

@@ -7,7 +7,7 @@ from torch import nn
 
 from deformable_detr.data.user_coco import register_user_coco
 from deformable_detr.ema import EMAHook, ModelEMA
-from deformable_detr.engine import Trainer
+from deformable_detr.engine import Trainer, load_evaluation_weights
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +98,19 @@ def test_trainer_averages_after_each_step_evaluates_and_resumes_with_the_average
     resumed.train()  # one more step from both restored weight sets
     expected = 0.5 * ema_weights[name] + 0.5 * resumed.model.state_dict()[name]
     torch.testing.assert_close(resumed.model_ema.weights[name], expected, rtol=0, atol=1e-6)
+
+
+def test_evaluation_loads_the_checkpoints_average_only_with_ema_on(tmp_path):
+    model = _tiny_model()
+    average = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": model.state_dict(), "ema": average}, path)
+    cfg = tiny_train_cfg(tmp_path)
+    cfg.MODEL.WEIGHTS = str(path)
+    for enabled, expected in ((False, model.state_dict()), (True, average)):
+        cfg.SOLVER.EMA.ENABLED = enabled
+        evaluated = _tiny_model()
+        with torch.no_grad():
+            evaluated[0].weight.zero_()
+        load_evaluation_weights(cfg, evaluated)
+        assert all(torch.equal(evaluated.state_dict()[k], v) for k, v in expected.items())

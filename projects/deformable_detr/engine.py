@@ -42,6 +42,7 @@ __all__ = [
     "check_losses_finite",
     "create_ddp_model",
     "load_config",
+    "load_evaluation_weights",
     "setup",
 ]
 
@@ -190,6 +191,17 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
+
+
+def load_evaluation_weights(cfg, model: torch.nn.Module, resume: bool = False) -> None:
+    """Loads ``MODEL.WEIGHTS`` (with ``resume``, the last checkpoint of ``OUTPUT_DIR``) into
+    ``model``; with ``SOLVER.EMA.ENABLED`` the checkpoint's weight average replaces its model
+    weights when it has one (a checkpoint written by a training with EMA)."""
+    checkpoint = AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        cfg.MODEL.WEIGHTS, resume=resume
+    )
+    if cfg.SOLVER.EMA.ENABLED and "ema" in checkpoint:
+        model.load_state_dict(checkpoint["ema"])
 
 
 def load_config(config_file: str, opts=()):
