@@ -157,9 +157,13 @@ def test_training_reconstructs_positives_at_every_layer_and_reaches_the_label_em
     sum(losses.values()).backward()
     grad = model.denoising.label_embed.weight.grad
     assert grad is not None and (grad.abs().sum(1) > 0).tolist() == [True, True, True]
-    # A batch without any box still trains (one padded group, nothing to reconstruct).
+    # A batch without any box still trains (one padded group, nothing to reconstruct), with
+    # every parameter in the graph (DDP without find_unused_parameters).
+    model.zero_grad(set_to_none=True)
     losses = model(_batch((0, 0)))
     assert losses["loss_bbox_dn"].item() == 0 and torch.isfinite(losses["loss_ce_dn"])
+    sum(losses.values()).backward()
+    assert model.denoising.label_embed.weight.grad is not None
 
 
 def test_denoising_losses_pair_positives_with_their_own_boxes():

@@ -121,7 +121,8 @@ class DenoisingQueryGenerator(nn.Module):
         num_groups = max(self.num_queries // group_size, 1)
         num_denoising = num_groups * group_size
         n = len(targets)
-        content = torch.zeros(n, num_denoising, self.d_model, device=device)
+        labels_per_slot = torch.zeros(n, num_denoising, dtype=torch.int64, device=device)
+        filled = torch.zeros(n, num_denoising, 1, device=device)
         reference = torch.full((n, num_denoising, 4), 0.5, device=device)
         positive_indices = []
         group_start = torch.arange(num_groups, device=device) * group_size
@@ -135,9 +136,13 @@ class DenoisingQueryGenerator(nn.Module):
             labels = target["labels"].repeat(2 * num_groups)
             boxes = target["boxes"].repeat(2 * num_groups, 1)
             slots, negative = slots.reshape(-1), negative.reshape(-1)
-            content[image, slots] = self.label_embed(self.noise_labels(labels))
+            labels_per_slot[image, slots] = self.noise_labels(labels)
+            filled[image, slots] = 1.0
             reference[image, slots] = self.noise_boxes(boxes, negative)
             positive_indices.append((slots[~negative], box_index.repeat(num_groups)))
+        # Padding slots embed a placeholder label and are zeroed: the embedding stays in the
+        # graph even for a batch without boxes, as DDP needs every parameter used.
+        content = self.label_embed(labels_per_slot) * filled
         query_pos = self.pos_norm(self.pos_proj(
             proposal_position_embedding(inverse_sigmoid(reference), self.d_model)
         ))
