@@ -241,7 +241,7 @@ class DeformableTransformerDecoder(nn.Module):
                 levels.spatial_shapes, levels.level_start_index, levels.padding_mask,
                 self_attn_mask,
             )
-            logits, delta = heads.predict(lid, output)
+            logits, delta = heads(lid, output)
             boxes = refine_boxes(delta, reference_points)
             if heads.with_box_refine:
                 if self.look_forward_twice:
