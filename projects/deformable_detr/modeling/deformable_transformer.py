@@ -244,9 +244,12 @@ class DeformableTransformerDecoder(nn.Module):
             logits, delta = heads(lid, output)
             boxes = refine_boxes(delta, reference_points)
             if heads.with_box_refine:
+                next_reference = boxes
                 if self.look_forward_twice:
-                    boxes, previous_boxes = refine_boxes(delta, previous_boxes), boxes
-                reference_points = (previous_boxes if self.look_forward_twice else boxes).detach()
+                    # Same values; the gradient also reaches the previous layer's box head.
+                    boxes = refine_boxes(delta, previous_boxes)
+                    previous_boxes = next_reference
+                reference_points = next_reference.detach()
             all_logits.append(logits)
             all_boxes.append(boxes)
         return torch.stack(all_logits), torch.stack(all_boxes)
