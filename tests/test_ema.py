@@ -68,6 +68,7 @@ def _ema_trainer(tmp_path, dataset, max_iter, resume=False):
     return trainer
 
 
+@pytest.mark.slow
 def test_trainer_averages_after_each_step_evaluates_and_resumes_with_the_average(
     tiny_dataset, tmp_path, monkeypatch
 ):
