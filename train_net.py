@@ -17,9 +17,8 @@ except ImportError as e:
     sys.exit(f"train_net.py: {e}. Run `make setup` (or use .venv/bin/python).")
 from detectron2.engine import default_argument_parser, launch
 
-from deformable_detr.checkpoint import AtomicDetectionCheckpointer
 from deformable_detr.data.user_coco import add_user_coco_arguments
-from deformable_detr.engine import Trainer, setup
+from deformable_detr.engine import Trainer, load_evaluation_weights, setup
 from deformable_detr.errors import UserInputError
 
 
@@ -30,9 +29,7 @@ def main(args):
         sys.exit(f"train_net.py: error: {error}")
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        load_evaluation_weights(cfg, model, resume=args.resume)
         return Trainer.test(cfg, model)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)

@@ -67,3 +67,21 @@ def test_variants_differ_only_where_expected():
     assert not refine.MODEL.DEFORMABLE_DETR.TWO_STAGE.ENABLED
     two = _load(CONFIGS / "deformable_detr_R50_two_stage_50ep.yaml")
     assert two.MODEL.DEFORMABLE_DETR.TWO_STAGE.ENABLED and two.MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE
+
+
+def test_dino_style_config_turns_every_convergence_option_on():
+    cfg = _load(CONFIGS / "deformable_detr_R50_dino_style_12ep.yaml")
+    dd = cfg.MODEL.DEFORMABLE_DETR
+    assert dd.TWO_STAGE.ENABLED and dd.WITH_BOX_REFINE and dd.LOOK_FORWARD_TWICE
+    assert dd.TWO_STAGE.MIXED_QUERY_SELECTION and dd.DENOISING.ENABLED and cfg.SOLVER.EMA.ENABLED
+    assert dd.NUM_QUERIES == dd.TWO_STAGE.NUM_PROPOSALS == 900
+    iters_per_epoch = 118287 / cfg.SOLVER.IMS_PER_BATCH
+    assert round(cfg.SOLVER.MAX_ITER / iters_per_epoch) == 12
+    assert round(cfg.SOLVER.STEPS[0] / iters_per_epoch) == 11
+
+
+def test_new_options_are_off_by_default():
+    cfg = _load(CONFIGS / "deformable_detr_R50_two_stage_50ep.yaml")
+    dd = cfg.MODEL.DEFORMABLE_DETR
+    assert not dd.LOOK_FORWARD_TWICE and not dd.TWO_STAGE.MIXED_QUERY_SELECTION
+    assert not dd.DENOISING.ENABLED and not cfg.SOLVER.EMA.ENABLED

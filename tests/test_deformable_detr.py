@@ -80,8 +80,11 @@ def test_forward_backward_reaches_every_trainable_parameter(variant):
     model.train()
     losses = model(_batch())
     expected = {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_bbox_0", "loss_giou_0"}
-    if variant == "two_stage":
+    if variant in ("two_stage", "dino_style"):
         expected |= {"loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"}
+    if variant == "dino_style":
+        expected |= {f"{name}_dn{layer}" for name in ("loss_ce", "loss_bbox", "loss_giou")
+                     for layer in ("", "_0")}
     assert set(losses) == expected
     assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
 
@@ -108,7 +111,7 @@ def test_forward_backward_reaches_every_trainable_parameter(variant):
     assert missing == []
 
 
-@pytest.mark.parametrize("variant", ["multi_scale", "two_stage"])
+@pytest.mark.parametrize("variant", ["multi_scale", "two_stage", "dino_style"])
 def test_raw_outputs_and_inference_outputs(variant):
     model = _model(variant)
     model.eval()
@@ -121,7 +124,8 @@ def test_raw_outputs_and_inference_outputs(variant):
     assert raw["pred_boxes"].shape == (2, 2, 12, 4)
     assert ((raw["pred_boxes"] >= 0) & (raw["pred_boxes"] <= 1)).all()
     assert raw["image_sizes"] == [(64, 80), (48, 64)]
-    assert ("enc_outputs" in raw) == (variant == "two_stage")
+    assert ("enc_outputs" in raw) == (variant != "multi_scale")
+    assert "denoising" not in raw
 
     assert len(results) == 2
     first, second = results[0]["instances"], results[1]["instances"]
@@ -182,11 +186,18 @@ def test_inference_nms_removes_duplicates_only_when_enabled():
 
 
 @pytest.mark.parametrize("key, value", [("MATCHER.ENCODER_REPEATS", 4),
-                                        ("TWO_STAGE.PROPOSAL_NMS_THRESH", 0.7)])
+                                        ("TWO_STAGE.PROPOSAL_NMS_THRESH", 0.7),
+                                        ("TWO_STAGE.MIXED_QUERY_SELECTION", True)])
 def test_two_stage_options_without_two_stage_are_an_error(key, value):
     with pytest.raises(ValueError, match=key):
         _model("box_refine", **{key: value})
     _model("two_stage", **{key: value})
+
+
+def test_look_forward_twice_without_box_refine_is_an_error():
+    with pytest.raises(ValueError, match="LOOK_FORWARD_TWICE"):
+        _model("multi_scale", LOOK_FORWARD_TWICE=True)
+    assert _model("box_refine", LOOK_FORWARD_TWICE=True).transformer.decoder.look_forward_twice
 
 
 def test_one_to_many_without_nms_warns(caplog):

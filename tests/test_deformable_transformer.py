@@ -8,6 +8,7 @@ from deformable_detr.layers import MSDeformAttn
 from deformable_detr.modeling.deformable_transformer import (
     DeformableTransformer,
     DeformableTransformerEncoder,
+    flatten_levels,
     valid_ratio,
 )
 from deformable_detr.modeling.heads import PredictionHeads, inverse_sigmoid
@@ -30,12 +31,12 @@ def _inputs(n=2, shapes=((8, 10), (4, 5)), pad_right_of_image1=True):
     return srcs, masks, pos
 
 
-def _transformer(two_stage=False, levels=2):
+def _transformer(two_stage=False, levels=2, **options):
     torch.manual_seed(0)
     return DeformableTransformer(
         d_model=D, nhead=2, num_encoder_layers=2, num_decoder_layers=3, dim_feedforward=64,
         dropout=0.0, num_feature_levels=levels, dec_n_points=2, enc_n_points=2,
-        two_stage=two_stage, two_stage_num_proposals=7,
+        two_stage=two_stage, two_stage_num_proposals=7, **options,
     )
 
 
@@ -168,6 +169,29 @@ def test_forward_box_refinement_feeds_each_layers_detached_boxes_to_the_next():
     assert heads.bbox_embed[2].layers[0].weight.grad.abs().sum() > 0
 
 
+def _box_head_grads(heads, loss_layer, look_forward_twice):
+    t = _transformer(look_forward_twice=look_forward_twice)
+    torch.manual_seed(2)
+    outputs = t(*_inputs(), heads, torch.randn(9, 2 * D))
+    heads.zero_grad(set_to_none=True)
+    outputs["pred_boxes"][loss_layer].sum().backward()
+    return outputs, [
+        head.layers[0].weight.grad is not None and bool(head.layers[0].weight.grad.any())
+        for head in heads.bbox_embed
+    ]
+
+
+def test_look_forward_twice_moves_the_detach_one_layer_back_with_the_same_outputs():
+    heads = _heads(with_box_refine=True)
+    plain, plain_grads = _box_head_grads(heads, 2, look_forward_twice=False)
+    twice, twice_grads = _box_head_grads(heads, 2, look_forward_twice=True)
+    torch.testing.assert_close(twice["pred_boxes"], plain["pred_boxes"], rtol=0, atol=0)
+    torch.testing.assert_close(twice["pred_logits"], plain["pred_logits"], rtol=0, atol=0)
+    # Layer 2's box loss trains layer 1's box head too, but not layer 0's.
+    assert plain_grads == [False, False, True]
+    assert twice_grads == [False, True, True]
+
+
 def test_forward_two_stage_queries_start_on_the_top_proposals():
     t = _transformer(two_stage=True)
     heads = _heads(with_box_refine=True, two_stage=True)
@@ -181,6 +205,30 @@ def test_forward_two_stage_queries_start_on_the_top_proposals():
     first = references[0][0, :, 0] / torch.cat([valid_ratio(_inputs()[1][0])[0]] * 2)
     torch.testing.assert_close(first, encoder["pred_boxes"][0, top], rtol=1e-6, atol=1e-6)
     assert heads.encoder_head_index == 3
+
+
+def test_mixed_query_selection_learns_contents_and_takes_positions_from_the_proposals():
+    t = _transformer(two_stage=True, mixed_query_selection=True)
+    heads = _heads(with_box_refine=True, two_stage=True)
+    srcs, masks, pos = _inputs()
+    levels = flatten_levels(srcs, masks, pos, t.level_embed)
+    memory = t.encoder(levels)
+    query_pos, tgt, reference, encoder = t.two_stage_queries(memory, levels, heads)
+    assert query_pos.shape == tgt.shape == (2, 7, D)
+    for image in range(2):  # the same learned contents in every image
+        torch.testing.assert_close(tgt[image], t.tgt_embed.weight, rtol=0, atol=0)
+    top = encoder["pred_logits"][:, :, 0].topk(7).indices
+    torch.testing.assert_close(
+        reference, torch.stack([encoder["pred_boxes"][i, top[i]] for i in range(2)]),
+        rtol=1e-6, atol=1e-6,
+    )
+    expected_pos = t.pos_trans_norm(t.pos_trans(
+        proposal_position_embedding(inverse_sigmoid(reference), D)
+    ))
+    torch.testing.assert_close(query_pos, expected_pos, rtol=1e-4, atol=1e-4)
+    assert t(srcs, masks, pos, heads)["pred_boxes"].shape == (3, 2, 7, 4)
+    with pytest.raises(ValueError, match="two_stage"):
+        _transformer(two_stage=False, mixed_query_selection=True)
 
 
 def test_distinct_topk_proposals_suppress_overlaps_then_fill():

@@ -20,6 +20,7 @@ VARIANTS = {
     "single_scale_dc5": "deformable_detr_R50_single_scale_dc5_50ep.yaml",
     "box_refine": "deformable_detr_R50_box_refine_50ep.yaml",
     "two_stage": "deformable_detr_R50_two_stage_50ep.yaml",
+    "dino_style": "deformable_detr_R50_dino_style_12ep.yaml",
 }
 # Rectangle colors (RGB) of the synthetic classes.
 COLORS = [(230, 30, 30), (30, 200, 30), (40, 60, 230)]

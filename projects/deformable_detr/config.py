@@ -43,6 +43,9 @@ def add_deformable_detr_config(cfg):
     _C.DEC_N_POINTS = 4
     # Iterative bounding box refinement: one box/class head per decoder layer.
     _C.WITH_BOX_REFINE = False
+    # Look forward twice (DINO), with WITH_BOX_REFINE: a layer's box loss also trains the previous
+    # layer's box head (the previous boxes are detached only as the next layer's reference).
+    _C.LOOK_FORWARD_TWICE = False
     # Per-class NMS IoU threshold at inference. 1.0 keeps the set prediction as it is (the paper,
     # no NMS); below 1 it removes the duplicates a briefly trained model still predicts.
     _C.NMS_THRESH_TEST = 1.0
@@ -55,6 +58,21 @@ def add_deformable_detr_config(cfg):
     # Class-agnostic NMS IoU threshold applied to the encoder proposals before that top-k, so the
     # queries are distinct (DDQ-DETR); 1.0 is the paper's plain top-k.
     _C.TWO_STAGE.PROPOSAL_NMS_THRESH = 1.0
+    # Mixed query selection (DINO): the proposals give the reference boxes and positional
+    # queries, the content queries are a learned embedding (one per proposal).
+    _C.TWO_STAGE.MIXED_QUERY_SELECTION = False
+
+    _C.DENOISING = CN()
+    # Denoising training (DN-DETR, contrastive as DINO's CDN): during training only, extra decoder
+    # queries from noised ground-truth boxes and labels learn to reconstruct them (positives) or
+    # to predict no object (negatives), behind a self-attention mask.
+    _C.DENOISING.ENABLED = False
+    # Budget of denoising queries per image: groups of 2 x (most boxes in an image of the batch).
+    _C.DENOISING.NUM_QUERIES = 100
+    # Twice the probability that a denoising query's label is replaced by a random class.
+    _C.DENOISING.LABEL_NOISE_RATIO = 0.5
+    # Box corner noise in half box sizes: positives below it, negatives between 1x and 2x it.
+    _C.DENOISING.BOX_NOISE_SCALE = 1.0
 
     _C.MATCHER = CN()
     # Matching cost weights of the Hungarian matcher.
@@ -88,6 +106,12 @@ def add_deformable_detr_config(cfg):
     cfg.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1
     # Optimizer: "ADAMW" or "SGD".
     cfg.SOLVER.OPTIMIZER = "ADAMW"
+    cfg.SOLVER.EMA = CN()
+    # Exponential moving average of the weights (detrex's model_ema), updated after every step,
+    # used by the periodic evaluation and saved in the checkpoints under "ema".
+    cfg.SOLVER.EMA.ENABLED = False
+    # Weight of the old average at each update.
+    cfg.SOLVER.EMA.DECAY = 0.999
 
     cfg.INPUT.DETR_CROP = CN()
     # DETR-style random crop: applied with probability PROB after a resize to one of RESIZE_SIZES.
@@ -121,12 +145,19 @@ def check_deformable_detr_config(cfg) -> None:
             "MODEL.DEFORMABLE_DETR.TWO_STAGE.ENABLED True requires WITH_BOX_REFINE True (as the "
             "official code: with_box_refine=True is needed by two_stage)"
         )
+    if dd.LOOK_FORWARD_TWICE and not dd.WITH_BOX_REFINE:
+        raise ValueError(
+            "MODEL.DEFORMABLE_DETR.LOOK_FORWARD_TWICE True acts on iterative box refinement: set "
+            "WITH_BOX_REFINE True"
+        )
     if not dd.TWO_STAGE.ENABLED and (
         dd.MATCHER.ENCODER_REPEATS > 1 or dd.TWO_STAGE.PROPOSAL_NMS_THRESH < 1.0
+        or dd.TWO_STAGE.MIXED_QUERY_SELECTION
     ):
         raise ValueError(
-            "MATCHER.ENCODER_REPEATS and TWO_STAGE.PROPOSAL_NMS_THRESH act on the two-stage "
-            "encoder proposals: set MODEL.DEFORMABLE_DETR.TWO_STAGE.ENABLED True or leave them at 1"
+            "MATCHER.ENCODER_REPEATS, TWO_STAGE.PROPOSAL_NMS_THRESH and "
+            "TWO_STAGE.MIXED_QUERY_SELECTION act on the two-stage encoder proposals: set "
+            "MODEL.DEFORMABLE_DETR.TWO_STAGE.ENABLED True or leave them at their defaults"
         )
     if dd.MATCHER.DECODER_REPEATS > 1 and dd.NMS_THRESH_TEST == 1.0:
         logger.warning(

@@ -12,7 +12,14 @@ from typing import Dict, Optional
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_setup
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    TrainerBase,
+    default_setup,
+    hooks,
+)
 from detectron2.engine import create_ddp_model as d2_create_ddp_model
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
@@ -23,6 +30,7 @@ from .config import add_deformable_detr_config
 from .data.dataset_mapper import DetrDatasetMapper
 from .data.user_coco import setup_user_coco
 from .data.validation import training_dataset_dicts
+from .ema import EMAHook, ModelEMA
 from .errors import UserInputError
 from .solver import build_optimizer
 
@@ -38,6 +46,7 @@ __all__ = [
     "create_ddp_model",
     "inference_config",
     "load_config",
+    "load_evaluation_weights",
     "setup",
 ]
 
@@ -185,7 +194,9 @@ class Trainer(DefaultTrainer):
     ``DefaultTrainer`` with the DETR data mapper (validated training data), COCO evaluation, the
     optimizer of :mod:`.solver`, DDP that also works on CPU (Gloo), the train loop of
     :func:`build_train_loop` and an :class:`AtomicDetectionCheckpointer`, whose ``--resume``
-    falls back to the previous complete checkpoint when the last one cannot be read.
+    falls back to the previous complete checkpoint when the last one cannot be read. With
+    ``SOLVER.EMA.ENABLED`` an :class:`EMAHook` averages the weights after every step, the
+    periodic evaluation uses the average and the checkpoints save it under "ema".
     """
 
     def __init__(self, cfg):
@@ -197,6 +208,8 @@ class Trainer(DefaultTrainer):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
 
         model = self.build_model(cfg)
+        self.model_ema = ModelEMA(cfg.SOLVER.EMA.DECAY) if cfg.SOLVER.EMA.ENABLED else None
+        self._unwrapped_model = model
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, broadcast_buffers=False)
@@ -204,13 +217,33 @@ class Trainer(DefaultTrainer):
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         # Built before the hooks: PeriodicCheckpointer keeps the checkpointer it is given.
+        checkpointables = {} if self.model_ema is None else {"ema": self.model_ema}
         self.checkpointer = AtomicDetectionCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **checkpointables
         )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        hook_list = super().build_hooks()
+        if self.model_ema is None:
+            return hook_list
+        ema_hook = EMAHook(self.model_ema, self._unwrapped_model)
+        # After the scheduler, before the checkpointer and the evaluation that use the average.
+        after = next(i for i, hook in enumerate(hook_list) if isinstance(hook, hooks.LRScheduler))
+        hook_list.insert(after + 1, ema_hook)
+        return [
+            hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._test_with_ema)
+            if isinstance(hook, hooks.EvalHook) else hook
+            for hook in hook_list
+        ]
+
+    def _test_with_ema(self):
+        with self.model_ema.applied_to(self._unwrapped_model):
+            self._last_eval_results = self.test(self.cfg, self.model)
+        return self._last_eval_results
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -230,6 +263,17 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
+
+
+def load_evaluation_weights(cfg, model: torch.nn.Module, resume: bool = False) -> None:
+    """Loads ``MODEL.WEIGHTS`` (with ``resume``, the last checkpoint of ``OUTPUT_DIR``) into
+    ``model``; with ``SOLVER.EMA.ENABLED`` the checkpoint's weight average replaces its model
+    weights when it has one (a checkpoint written by a training with EMA)."""
+    checkpoint = AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        cfg.MODEL.WEIGHTS, resume=resume
+    )
+    if cfg.SOLVER.EMA.ENABLED and "ema" in checkpoint:
+        model.load_state_dict(checkpoint["ema"])
 
 
 def load_config(config_file: str, opts=()):

@@ -98,10 +98,14 @@ class SetCriterion(nn.Module):
             return targets
         return [{k: v.repeat(repeats, *[1] * (v.dim() - 1)) for k, v in t.items()} for t in targets]
 
-    def _weighted_losses(self, outputs, targets, num_boxes, suffix) -> Dict[str, torch.Tensor]:
+    def _weighted_losses(
+        self, outputs, targets, num_boxes, suffix, indices=None
+    ) -> Dict[str, torch.Tensor]:
+        """Losses of ``outputs`` matched to ``targets``, or paired by the given ``indices``."""
         # Losses in float32 whatever the autocast dtype of the predictions (AMP).
         outputs = {key: outputs[key].float() for key in ("pred_logits", "pred_boxes")}
-        indices = self.matcher(outputs, targets)
+        if indices is None:
+            indices = self.matcher(outputs, targets)
         losses = self.loss_labels(outputs, targets, indices, num_boxes)
         losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
         return {k + suffix: v * self.weight_dict[k] for k, v in losses.items()}
@@ -112,12 +116,16 @@ class SetCriterion(nn.Module):
         """
         Args:
             outputs: "pred_logits" (N, Q, K), "pred_boxes" (N, Q, 4); optional "aux_outputs"
-                (list of such dicts, one per earlier decoder layer) and "enc_outputs" (one dict).
+                (list of such dicts, one per earlier decoder layer), "enc_outputs" (one dict)
+                and "denoising": "pred_logits" (num_layers, N, D, K), "pred_boxes"
+                (num_layers, N, D, 4) of the denoising queries, their "positive_indices" (per
+                image, query and target indices) and "num_groups".
             targets: N dicts with "labels" (T_i,) int64 and "boxes" (T_i, 4) normalized cxcywh.
 
         Returns:
             weighted losses: "loss_ce", "loss_bbox", "loss_giou", the same with suffix "_{i}" for
-            auxiliary layer i and "_enc" for the encoder proposals.
+            auxiliary layer i, "_enc" for the encoder proposals, and "_dn" (last decoder layer),
+            "_dn_{i}" (layer i) for the denoising queries.
         """
         device = outputs["pred_logits"].device
         num_boxes = torch.as_tensor(
@@ -144,4 +152,22 @@ class SetCriterion(nn.Module):
             losses.update(
                 self._weighted_losses(outputs["enc_outputs"], bin_targets, enc_num_boxes, "_enc")
             )
+        if "denoising" in outputs:
+            losses.update(self.denoising_losses(outputs["denoising"], targets, num_boxes))
+        return losses
+
+    def denoising_losses(self, denoising, targets, num_boxes) -> Dict[str, torch.Tensor]:
+        """Every decoder layer's denoising queries: positives paired with the box they were made
+        from (no matching), every other query (negatives, padding) trained as no object."""
+        indices = denoising["positive_indices"]
+        num_boxes = num_boxes * denoising["num_groups"]
+        num_layers = denoising["pred_logits"].shape[0]
+        losses = {}
+        for layer in range(num_layers):
+            suffix = "_dn" if layer == num_layers - 1 else f"_dn_{layer}"
+            layer_outputs = {
+                "pred_logits": denoising["pred_logits"][layer],
+                "pred_boxes": denoising["pred_boxes"][layer],
+            }
+            losses.update(self._weighted_losses(layer_outputs, targets, num_boxes, suffix, indices))
         return losses

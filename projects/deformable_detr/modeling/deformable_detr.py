@@ -1,6 +1,6 @@
 """The Deformable DETR meta-architecture (Zhu et al., ICLR 2021) for Detectron2."""
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -12,6 +12,7 @@ from torchvision.ops import box_convert
 from ..config import check_deformable_detr_config
 from .criterion import SetCriterion
 from .deformable_transformer import DeformableTransformer
+from .denoising import DenoisingQueries, DenoisingQueryGenerator
 from .heads import PredictionHeads
 from .matcher import HungarianMatcher
 from .neck import build_neck
@@ -47,6 +48,7 @@ class DeformableDETR(nn.Module):
         two_stage: bool = False,
         detections_per_image: int = 100,
         nms_thresh_test: float = 1.0,
+        denoising: Optional[DenoisingQueryGenerator] = None,
     ):
         """
         Args:
@@ -64,6 +66,8 @@ class DeformableDETR(nn.Module):
             detections_per_image: top-k (query, class) pairs kept at inference.
             nms_thresh_test: IoU above which a lower-scoring detection of the same class is
                 suppressed at inference; 1.0 (the paper) keeps every set prediction.
+            denoising: with a generator, training adds its denoising queries to the decoder
+                (DN-DETR / DINO's CDN) and their losses; inference never builds them.
         """
         super().__init__()
         if two_stage and not with_box_refine:
@@ -85,6 +89,7 @@ class DeformableDETR(nn.Module):
         self.two_stage = two_stage
         self.detections_per_image = detections_per_image
         self.nms_thresh_test = nms_thresh_test
+        self.denoising = denoising
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -114,6 +119,8 @@ class DeformableDETR(nn.Module):
             two_stage=dd.TWO_STAGE.ENABLED,
             two_stage_num_proposals=dd.TWO_STAGE.NUM_PROPOSALS,
             two_stage_proposal_nms_thresh=dd.TWO_STAGE.PROPOSAL_NMS_THRESH,
+            look_forward_twice=dd.LOOK_FORWARD_TWICE,
+            mixed_query_selection=dd.TWO_STAGE.MIXED_QUERY_SELECTION,
         )
         matcher = HungarianMatcher(
             cost_class=dd.MATCHER.COST_CLASS,
@@ -133,6 +140,12 @@ class DeformableDETR(nn.Module):
             decoder_match_repeats=dd.MATCHER.DECODER_REPEATS,
             encoder_match_repeats=dd.MATCHER.ENCODER_REPEATS,
         )
+        denoising = None
+        if dd.DENOISING.ENABLED:
+            denoising = DenoisingQueryGenerator(
+                dd.NUM_CLASSES, dd.HIDDEN_DIM, dd.DENOISING.NUM_QUERIES,
+                dd.DENOISING.LABEL_NOISE_RATIO, dd.DENOISING.BOX_NOISE_SCALE,
+            )
         return {
             "backbone": backbone,
             "neck": neck,
@@ -147,6 +160,7 @@ class DeformableDETR(nn.Module):
             "two_stage": dd.TWO_STAGE.ENABLED,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "nms_thresh_test": dd.NMS_THRESH_TEST,
+            "denoising": denoising,
         }
 
     @property
@@ -183,13 +197,19 @@ class DeformableDETR(nn.Module):
         raw["image_sizes"] = images.image_sizes
         return raw
 
-    def raw_outputs_from_tensors(self, images: torch.Tensor, padding_mask: torch.Tensor) -> Dict:
+    def raw_outputs_from_tensors(
+        self,
+        images: torch.Tensor,
+        padding_mask: torch.Tensor,
+        denoising: Optional[DenoisingQueries] = None,
+    ) -> Dict:
         """
         The network on tensors (traceable: no ``ImageList``, no data-dependent Python).
 
         Args:
             images: (N, 3, H, W) normalized and padded, as :meth:`preprocess_image` makes them.
             padding_mask: (N, H, W) bool, True on padding.
+            denoising: training only; adds "denoising" to the outputs (see the transformer).
 
         Returns:
             dict with
@@ -201,7 +221,7 @@ class DeformableDETR(nn.Module):
         """
         srcs, masks, pos = self.neck(self.backbone(images), padding_mask)
         query_embed = None if self.two_stage else self.query_embed.weight
-        return self.transformer(srcs, masks, pos, self.heads, query_embed)
+        return self.transformer(srcs, masks, pos, self.heads, query_embed, denoising)
 
     def forward(self, batched_inputs: List[Dict]):
         """
@@ -214,11 +234,13 @@ class DeformableDETR(nn.Module):
         """
         if self.training and any("instances" not in x for x in batched_inputs):
             raise ValueError("training inputs must all contain 'instances'")
-        raw = self.raw_outputs(batched_inputs)
         if self.training:
+            images, padding_mask = self.preprocess_image(batched_inputs)
             targets = self.prepare_targets(
-                [x["instances"].to(self.device) for x in batched_inputs], raw["image_sizes"]
+                [x["instances"].to(self.device) for x in batched_inputs], images.image_sizes
             )
+            denoising = None if self.denoising is None else self.denoising(targets)
+            raw = self.raw_outputs_from_tensors(images.tensor, padding_mask, denoising)
             outputs = {"pred_logits": raw["pred_logits"][-1], "pred_boxes": raw["pred_boxes"][-1]}
             if self.aux_loss:
                 outputs["aux_outputs"] = [
@@ -227,8 +249,14 @@ class DeformableDETR(nn.Module):
                 ]
             if self.two_stage:
                 outputs["enc_outputs"] = raw["enc_outputs"]
+            if denoising is not None:
+                outputs["denoising"] = dict(
+                    raw["denoising"], positive_indices=denoising.positive_indices,
+                    num_groups=denoising.num_groups,
+                )
             return self.criterion(outputs, targets)
 
+        raw = self.raw_outputs(batched_inputs)
         results = self.inference(raw["pred_logits"][-1], raw["pred_boxes"][-1], raw["image_sizes"])
         processed = []
         for result, input_per_image, image_size in zip(

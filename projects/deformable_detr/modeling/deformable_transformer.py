@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import MSDeformAttn
-from .heads import PredictionHeads
+from .denoising import DenoisingQueries, denoising_attention_mask
+from .heads import PredictionHeads, refine_boxes
 from .two_stage import encoder_proposals, proposal_position_embedding, select_proposals, valid_sizes
 
 
@@ -169,19 +170,22 @@ class DeformableTransformerDecoderLayer(nn.Module):
 
     def forward(
         self, tgt, query_pos, reference_points, src, src_spatial_shapes, level_start_index,
-        src_padding_mask,
+        src_padding_mask, self_attn_mask=None,
     ):
         """
         Args:
             tgt, query_pos: (N, Q, C) query contents and query position embeddings.
             reference_points: (N, Q, L, 2) or (N, Q, L, 4) normalized, per level.
             src: (N, S, C) encoder memory; src_padding_mask: (N, S) bool.
+            self_attn_mask: (Q, Q) bool, True where query i may not attend to query j.
 
         Returns:
             (N, Q, C)
         """
         q = k = tgt + query_pos
-        tgt2 = self.self_attn(q.transpose(0, 1), k.transpose(0, 1), tgt.transpose(0, 1))[0]
+        tgt2 = self.self_attn(
+            q.transpose(0, 1), k.transpose(0, 1), tgt.transpose(0, 1), attn_mask=self_attn_mask
+        )[0]
         tgt = self.norm2(tgt + self.dropout2(tgt2.transpose(0, 1)))
 
         tgt2 = self.cross_attn(
@@ -198,17 +202,21 @@ class DeformableTransformerDecoder(nn.Module):
     """
     Stack of decoder layers, each followed by its prediction head. With box refinement each
     layer's boxes become the next layer's reference, detached as in the official code (the next
-    layer's loss does not train this layer's box head).
+    layer's loss does not train this layer's box head). With ``look_forward_twice`` (DINO) the
+    detach moves: the next layer's reference stays detached, but the boxes a layer outputs for its
+    loss are refined from the previous layer's undetached boxes, so that loss also trains the
+    previous layer's box head. The values are the same either way.
     """
 
-    def __init__(self, decoder_layer: nn.Module, num_layers: int):
+    def __init__(self, decoder_layer: nn.Module, num_layers: int, look_forward_twice: bool = False):
         super().__init__()
         self.layers = _get_clones(decoder_layer, num_layers)
         self.num_layers = num_layers
+        self.look_forward_twice = look_forward_twice
 
     def forward(
         self, tgt, query_pos, reference_points, memory, levels: FlattenedLevels,
-        heads: PredictionHeads,
+        heads: PredictionHeads, self_attn_mask: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -216,11 +224,13 @@ class DeformableTransformerDecoder(nn.Module):
             reference_points: (N, Q, 2) or (N, Q, 4) normalized to the valid image region.
             memory: (N, S, C) encoder output over ``levels``.
             heads: the detector's heads, called once per layer.
+            self_attn_mask: (Q, Q) bool, True where query i may not attend to query j.
 
         Returns:
             logits (num_layers, N, Q, K) and boxes (num_layers, N, Q, 4) of every layer.
         """
         output = tgt
+        previous_boxes = reference_points  # undetached, for look forward twice
         all_logits, all_boxes = [], []
         for lid, layer in enumerate(self.layers):
             ratios = levels.valid_ratios
@@ -229,10 +239,17 @@ class DeformableTransformerDecoder(nn.Module):
             output = layer(
                 output, query_pos, reference_points[:, :, None] * ratios[:, None], memory,
                 levels.spatial_shapes, levels.level_start_index, levels.padding_mask,
+                self_attn_mask,
             )
-            logits, boxes = heads(lid, output, reference_points)
+            logits, delta = heads(lid, output)
+            boxes = refine_boxes(delta, reference_points)
             if heads.with_box_refine:
-                reference_points = boxes.detach()
+                next_reference = boxes
+                if self.look_forward_twice:
+                    # Same values; the gradient also reaches the previous layer's box head.
+                    boxes = refine_boxes(delta, previous_boxes)
+                    previous_boxes = next_reference
+                reference_points = next_reference.detach()
             all_logits.append(logits)
             all_boxes.append(boxes)
         return torch.stack(all_logits), torch.stack(all_boxes)
@@ -259,6 +276,8 @@ class DeformableTransformer(nn.Module):
         two_stage: bool = False,
         two_stage_num_proposals: int = 300,
         two_stage_proposal_nms_thresh: float = 1.0,
+        look_forward_twice: bool = False,
+        mixed_query_selection: bool = False,
     ):
         super().__init__()
         if not 0.0 < two_stage_proposal_nms_thresh <= 1.0:
@@ -271,6 +290,9 @@ class DeformableTransformer(nn.Module):
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
         self.two_stage_proposal_nms_thresh = two_stage_proposal_nms_thresh
+        if mixed_query_selection and not two_stage:
+            raise ValueError("mixed_query_selection=True requires two_stage=True")
+        self.mixed_query_selection = mixed_query_selection
 
         encoder_layer = DeformableTransformerEncoderLayer(
             d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points
@@ -279,14 +301,21 @@ class DeformableTransformer(nn.Module):
         decoder_layer = DeformableTransformerDecoderLayer(
             d_model, dim_feedforward, dropout, num_feature_levels, nhead, dec_n_points
         )
-        self.decoder = DeformableTransformerDecoder(decoder_layer, num_decoder_layers)
+        self.decoder = DeformableTransformerDecoder(
+            decoder_layer, num_decoder_layers, look_forward_twice
+        )
 
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if two_stage:
             self.enc_output = nn.Linear(d_model, d_model)
             self.enc_output_norm = nn.LayerNorm(d_model)
-            self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
-            self.pos_trans_norm = nn.LayerNorm(d_model * 2)
+            # Mixed query selection (DINO): the proposals give only the positional queries, the
+            # content queries are learned.
+            query_parts = 1 if mixed_query_selection else 2
+            self.pos_trans = nn.Linear(d_model * 2, d_model * query_parts)
+            self.pos_trans_norm = nn.LayerNorm(d_model * query_parts)
+            if mixed_query_selection:
+                self.tgt_embed = nn.Embedding(two_stage_num_proposals, d_model)
         else:
             self.reference_points = nn.Linear(d_model, 2)
         self._reset_parameters()
@@ -309,7 +338,8 @@ class DeformableTransformer(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
         """
         Scores every encoder position's proposal with the heads' encoder head and turns the
-        top ``two_stage_num_proposals`` into queries.
+        top ``two_stage_num_proposals`` into queries: reference boxes, positional queries and
+        (unless ``mixed_query_selection``, where they are learned) content queries.
 
         Returns:
             query_pos, tgt: (N, K, C) each; reference_points: (N, K, 4) normalized boxes;
@@ -331,7 +361,11 @@ class DeformableTransformer(nn.Module):
         pos_trans_out = self.pos_trans_norm(
             self.pos_trans(proposal_position_embedding(topk_coords_unact, self.d_model))
         )
-        query_pos, tgt = torch.split(pos_trans_out, self.d_model, dim=2)
+        if self.mixed_query_selection:
+            query_pos = pos_trans_out
+            tgt = self.tgt_embed.weight[:topk].unsqueeze(0).expand(memory.shape[0], -1, -1)
+        else:
+            query_pos, tgt = torch.split(pos_trans_out, self.d_model, dim=2)
         encoder_outputs = {"pred_logits": enc_logits, "pred_boxes": enc_coords_unact.sigmoid()}
         return query_pos, tgt, topk_coords_unact.sigmoid(), encoder_outputs
 
@@ -342,17 +376,21 @@ class DeformableTransformer(nn.Module):
         pos_embeds: List[torch.Tensor],
         heads: PredictionHeads,
         query_embed: Optional[torch.Tensor] = None,
+        denoising: Optional[DenoisingQueries] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
             srcs, pos_embeds: per level (N, C, H_l, W_l); masks: per level (N, H_l, W_l) bool.
             heads: the detector's prediction heads.
             query_embed: (Q, 2C) learned query position + content; None for two-stage.
+            denoising: training only, D denoising queries decoded before the Q matching ones,
+                behind :func:`denoising_attention_mask`.
 
         Returns:
             dict with "pred_logits" (num_decoder_layers, N, Q, K) and "pred_boxes"
-            (num_decoder_layers, N, Q, 4) normalized cxcywh of every decoder layer, and for
-            two-stage "enc_outputs" (see :meth:`two_stage_queries`).
+            (num_decoder_layers, N, Q, 4) normalized cxcywh of every decoder layer, for
+            two-stage "enc_outputs" (see :meth:`two_stage_queries`), and with ``denoising``
+            "denoising", a dict of the same "pred_logits" and "pred_boxes" for the D queries.
         """
         if not self.two_stage and query_embed is None:
             raise ValueError("query_embed (Q, 2C) is required unless two_stage=True")
@@ -370,7 +408,27 @@ class DeformableTransformer(nn.Module):
             query_pos = query_pos.unsqueeze(0).expand(bs, -1, -1)
             tgt = tgt.unsqueeze(0).expand(bs, -1, -1)
             reference_points = self.reference_points(query_pos).sigmoid()
-        outputs["pred_logits"], outputs["pred_boxes"] = self.decoder(
-            tgt, query_pos, reference_points, memory, levels, heads
+        if denoising is None:
+            outputs["pred_logits"], outputs["pred_boxes"] = self.decoder(
+                tgt, query_pos, reference_points, memory, levels, heads
+            )
+            return outputs
+        num_denoising = denoising.content.shape[1]
+        mask = denoising_attention_mask(
+            num_denoising, denoising.group_size, tgt.shape[1], device=tgt.device
         )
+        # One-stage references are points: the denoising queries then start at the box centres.
+        dn_reference = denoising.reference[..., : reference_points.shape[-1]]
+        logits, boxes = self.decoder(
+            torch.cat([denoising.content, tgt], 1),
+            torch.cat([denoising.query_pos, query_pos], 1),
+            torch.cat([dn_reference, reference_points], 1),
+            memory, levels, heads, mask,
+        )
+        outputs["denoising"] = {
+            "pred_logits": logits[:, :, :num_denoising],
+            "pred_boxes": boxes[:, :, :num_denoising],
+        }
+        outputs["pred_logits"] = logits[:, :, num_denoising:]
+        outputs["pred_boxes"] = boxes[:, :, num_denoising:]
         return outputs

@@ -87,15 +87,14 @@ class PredictionHeads(nn.Module):
     def head_index(self, decoder_layer: int) -> int:
         return decoder_layer if self.with_box_refine else 0
 
-    def forward(self, decoder_layer: int, hidden: torch.Tensor, reference: torch.Tensor):
+    def forward(self, decoder_layer: int, hidden: torch.Tensor):
         """
         Args:
-            decoder_layer: index of the decoder layer whose output ``hidden`` is.
-            hidden: (N, Q, C) decoder output; reference: (N, Q, 2 or 4) the layer's reference.
+            decoder_layer: index of the decoder layer whose output ``hidden`` (N, Q, C) is.
 
         Returns:
-            logits (N, Q, K) and boxes (N, Q, 4) normalized (cx, cy, w, h).
+            logits (N, Q, K) and box deltas (N, Q, 4), which :func:`refine_boxes` turns into
+            boxes relative to a reference.
         """
         index = self.head_index(decoder_layer)
-        boxes = refine_boxes(self.bbox_embed[index](hidden), reference)
-        return self.class_embed[index](hidden), boxes
+        return self.class_embed[index](hidden), self.bbox_embed[index](hidden)
