@@ -188,19 +188,60 @@ def test_one_to_many_without_nms_warns(caplog):
     assert "set MODEL.DEFORMABLE_DETR.NMS_THRESH_TEST < 1" in caplog.text
 
 
-@pytest.mark.parametrize("variant", ["multi_scale", "two_stage"])
-def test_mixed_precision_forward_backward(variant):
-    # CPU bfloat16 autocast stands in for CUDA AMP here: losses and outputs stay float32.
-    model = _model(variant)
-    model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        losses = model(_batch())
-    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+def _losses_and_gradient(model, batch, autocast):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        losses = model(batch)
     sum(losses.values()).backward()
+    grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+    return losses, torch.cat(grads)
+
+
+def _raw_outputs(model, image, autocast):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return model.forward_raw([{"image": image}])
+
+
+@pytest.mark.parametrize("variant", ["multi_scale", "box_refine"])
+def test_bfloat16_autocast_matches_float32(variant):
+    """CPU bfloat16 autocast stands in for CUDA AMP. bfloat16 keeps 8 bits of mantissa (relative
+    step 2**-8 = 0.4%); measured on this model: losses within 0.15%, gradient cosine 0.99,
+    logits within 0.025 and boxes within 0.0023. Asserted: losses within 1%, gradient cosine
+    above 0.98, logits within 0.1 and boxes within 0.01 (normalized coordinates)."""
+    model = _model(variant, DROPOUT=0.0).train()
+    batch = _batch()
+    losses32, grad32 = _losses_and_gradient(model, batch, autocast=False)
+    losses16, grad16 = _losses_and_gradient(model, batch, autocast=True)
+    assert all(v.dtype == torch.float32 for v in losses16.values())
+    for name, expected in losses32.items():
+        torch.testing.assert_close(losses16[name], expected, rtol=1e-2, atol=0, msg=name)
+    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.98
+
     model.eval()
+    image = torch.rand(3, 64, 80) * 255
+    raw32, raw16 = _raw_outputs(model, image, False), _raw_outputs(model, image, True)
+    torch.testing.assert_close(raw16["pred_logits"].float(), raw32["pred_logits"], rtol=0, atol=0.1)
+    torch.testing.assert_close(raw16["pred_boxes"].float(), raw32["pred_boxes"], rtol=0, atol=0.01)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        inst = model([{"image": torch.rand(3, 64, 80) * 255}])[0]["instances"]
+        inst = model([{"image": image}])[0]["instances"]
     assert inst.scores.dtype == torch.float32 and inst.pred_boxes.tensor.dtype == torch.float32
+
+
+def test_bfloat16_autocast_two_stage_proposals_match_float32():
+    """Two-stage picks its queries by the top-k of near-equal proposal scores, which bfloat16
+    rounding reorders; so the comparison stops at the encoder proposals (measured: logits within
+    0.07; asserted within 0.2). The decoder's losses are only checked to be finite float32."""
+    model = _model("two_stage", DROPOUT=0.0).train()
+    losses16, grad16 = _losses_and_gradient(model, _batch(), autocast=True)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses16.values())
+    assert torch.isfinite(grad16).all()
+
+    model.eval()
+    image = torch.rand(3, 64, 80) * 255
+    enc32 = _raw_outputs(model, image, False)["enc_outputs"]
+    enc16 = _raw_outputs(model, image, True)["enc_outputs"]
+    torch.testing.assert_close(enc16["pred_logits"].float(), enc32["pred_logits"], rtol=0, atol=0.2)
+    torch.testing.assert_close(enc16["pred_boxes"].float(), enc32["pred_boxes"], rtol=0, atol=0.01)
 
 
 def test_image_without_annotations_trains():
