@@ -8,6 +8,7 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.structures import Instances, pairwise_iou
 from tiny_deformable_detr import VARIANTS, instances, synthetic_scenes, tiny_cfg
+from torchvision.ops import box_convert
 
 from deformable_detr.modeling import DeformableDETR
 
@@ -269,22 +270,56 @@ def test_bad_inputs_are_clear_errors():
         _model("two_stage", WITH_BOX_REFINE=False)
 
 
-def test_default_predictor_on_real_photo():
+# Top 3 detections of the seeded model below on skimage's astronaut (512x512), recorded from a
+# run: (score, class, XYXY box in the photo's pixels).
+ASTRONAUT_TOP3 = [
+    (0.874976, 1, [416.783661, 455.527313, 480.545990, 512.000000]),
+    (0.809972, 2, [451.802673, 307.787750, 510.173218, 367.621185]),
+    (0.753766, 1, [183.645676, 335.765503, 244.796616, 394.573975]),
+]
+
+
+def test_default_predictor_on_real_photo_gives_known_detections():
     skimage_data = pytest.importorskip("skimage.data")
     cfg = tiny_cfg()
     cfg.INPUT.MIN_SIZE_TEST = 128
     torch.manual_seed(0)
     predictor = DefaultPredictor(cfg)
+    model = predictor.model
+    # Random heads (seeded), so that scores and boxes depend on the image and spread out.
+    torch.manual_seed(1)
+    for head in model.class_embed:
+        torch.nn.init.normal_(head.weight, std=0.5)
+    for head in model.bbox_embed:
+        torch.nn.init.normal_(head.layers[-1].weight, std=0.1)
+    raw_outputs = []
+    forward_raw = model.forward_raw
+    model.forward_raw = lambda inputs: raw_outputs.append(forward_raw(inputs)) or raw_outputs[-1]
     image_bgr = np.ascontiguousarray(skimage_data.astronaut()[:, :, ::-1])
     with torch.no_grad():
         out = predictor(image_bgr)["instances"]
     assert isinstance(out, Instances) and out.image_size == (512, 512)
-    assert 0 < len(out) <= cfg.TEST.DETECTIONS_PER_IMAGE
-    boxes = out.pred_boxes.tensor
-    assert boxes.shape == (len(out), 4) and torch.isfinite(boxes).all()
-    assert (boxes[:, 2:] >= boxes[:, :2]).all() and boxes.min() >= 0 and boxes.max() <= 512
-    assert ((out.scores >= 0) & (out.scores <= 1)).all()
-    assert ((out.pred_classes >= 0) & (out.pred_classes < 3)).all()
+
+    # The same detections from the raw outputs by hand: top-k (query, class) pairs by sigmoid
+    # score, normalized boxes scaled to the photo, clipped, empty ones dropped.
+    (raw,) = raw_outputs
+    assert raw["image_sizes"] == [(128, 128)]
+    logits, boxes = raw["pred_logits"][-1, 0], raw["pred_boxes"][-1, 0]
+    k = min(cfg.TEST.DETECTIONS_PER_IMAGE, logits.numel())  # 12 queries x 3 classes here
+    scores, pairs = logits.sigmoid().flatten().topk(k)
+    queries, classes = pairs // logits.shape[1], pairs % logits.shape[1]
+    xyxy = (box_convert(boxes[queries], "cxcywh", "xyxy") * 512).clamp(0, 512)
+    nonempty = (xyxy[:, 2:] > xyxy[:, :2]).all(1)
+    torch.testing.assert_close(out.scores, scores[nonempty])
+    assert out.pred_classes.tolist() == classes[nonempty].tolist()
+    torch.testing.assert_close(out.pred_boxes.tensor, xyxy[nonempty], rtol=0, atol=1e-3)
+
+    for (score, label, box), got_score, got_label, got_box in zip(
+        ASTRONAUT_TOP3, out.scores, out.pred_classes, out.pred_boxes.tensor
+    ):
+        assert got_score.item() == pytest.approx(score, abs=1e-4)
+        assert got_label.item() == label
+        assert got_box.tolist() == pytest.approx(box, abs=0.05)
 
 
 @pytest.mark.slow
