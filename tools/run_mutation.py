@@ -10,8 +10,7 @@ mutants.
 
 mutmut 3 imports the mutated code from ``mutants/src`` and runs every test that covers a mutated
 function, so each group runs in its own staging copy (``build/mutation/<group>``: the package
-under ``src/``, the tests, configs and tools beside it) with only its own fast tests selected;
-a later run reuses the results of unchanged functions.
+under ``src/``, the tests, configs and tools beside it) with only its own fast tests selected.
 """
 
 import argparse
@@ -49,14 +48,14 @@ def _toml_list(values):
 
 
 def stage(group):
-    """Refreshes the group's staging copy; mutmut's cache (``mutants/``) is kept."""
+    """A fresh staging copy for the group: mutmut's cache would keep old verdicts when only the
+    tests changed."""
     modules, tests = GROUPS[group]
     root = STAGING / group
-    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(root, ignore_errors=True)
     for name, source in [("src/deformable_detr", REPO / "projects" / "deformable_detr"),
                          ("tests", REPO / "tests"), ("configs", REPO / "configs"),
                          ("tools", REPO / "tools")]:
-        shutil.rmtree(root / name, ignore_errors=True)
         shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     (root / "pyproject.toml").write_text(
         (REPO / "pyproject.toml").read_text()
