@@ -82,5 +82,8 @@ def test_empty_targets_and_half_precision_inputs():
 
 
 def test_all_zero_costs_rejected():
-    with pytest.raises(ValueError, match="cannot all be 0"):
+    with pytest.raises(ValueError, match="^cost_class, cost_bbox and cost_giou cannot all be 0$"):
         HungarianMatcher(0, 0, 0)
+    # Any one cost alone is a valid matcher.
+    for costs in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
+        HungarianMatcher(*costs)
