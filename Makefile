@@ -7,7 +7,7 @@ SETUP_INPUTS := tools/setup_env.sh setup.py pyproject.toml requirements/detectro
 DEMO_CONFIG ?= configs/demo/deformable_detr_mnv2_trees.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-cuda-asan gpu-check lint bench clean
+.PHONY: setup demo test test-cuda-asan gpu-check lint bench mutation clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/ms_deform_attn.py
+
+# Mutation testing of the plumbing (see README, Tests); MUTATION_ARGS e.g. 'deformable_detr.modeling.*'
+MUTATION_ARGS ?=
+mutation: setup
+	$(PY) tools/run_mutation.py $(MUTATION_ARGS)
 
 clean:
 	rm -rf build projects/deformable_detr/_C*.so $(STAMP)

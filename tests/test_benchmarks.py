@@ -48,7 +48,6 @@ def test_inference_benchmark_quick_models_agree(capsys):
     assert set(results["max_abs_diff"]) == expected
     for pair, (logits, boxes) in results["max_abs_diff"].items():
         assert logits < 1e-3 and boxes < 1e-4, pair
-    assert all(r > 0 for r in results["speedup_vs_pytorch_op"].values())
 
 
 def test_train_step_benchmark_quick_breakdown_adds_up(capsys):

@@ -51,6 +51,18 @@ def test_losses_match_hand_computation():
     assert losses["loss_giou"].item() == pytest.approx(3.0 * (1 - giou), rel=1e-5)
 
 
+def test_focal_parameters_are_used():
+    logits, outputs, targets = _case()
+    criterion = SetCriterion(
+        2, _fixed_matcher([([0], [0])]), WEIGHTS, focal_alpha=0.4, focal_gamma=1.5
+    )
+    onehot = [[0, 1], [0, 0]]
+    focal = sum(
+        _focal(logits[q][k], onehot[q][k], alpha=0.4, gamma=1.5) for q in range(2) for k in range(2)
+    )
+    assert criterion(outputs, targets)["loss_ce"].item() == pytest.approx(2.0 * focal, rel=1e-5)
+
+
 def test_normalized_by_number_of_boxes():
     logits, outputs, targets = _case()
     two = {k: torch.cat([v, v]) for k, v in outputs.items()}
@@ -126,5 +138,7 @@ def test_one_to_many_matching_repeats_targets_per_stage():
     focal_all_pos = _focal(1.0, 1) + _focal(0.5, 1) + _focal(-1.0, 1)
     assert many["loss_ce_enc"].item() == pytest.approx(2.0 * focal_all_pos / 3, rel=1e-5)
 
-    with pytest.raises(ValueError, match="decoder_match_repeats"):
+    with pytest.raises(ValueError, match="decoder_match_repeats must be >= 1, got 0"):
         SetCriterion(1, matcher, WEIGHTS, decoder_match_repeats=0)
+    with pytest.raises(ValueError, match="encoder_match_repeats must be >= 1, got 0"):
+        SetCriterion(1, matcher, WEIGHTS, encoder_match_repeats=0)

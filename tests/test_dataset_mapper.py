@@ -98,7 +98,8 @@ def test_boxes_cropped_away_leave_an_image_without_instances(tmp_path):
 def test_class_id_out_of_range_names_the_file(tmp_path):
     file_name = _image_file(tmp_path, name="bad_labels.png")
     mapper = _identity_mapper(tiny_cfg())
-    with pytest.raises(ValueError, match=r"bad_labels\.png.*category_id 3.*NUM_CLASSES"):
+    with pytest.raises(ValueError, match=r"bad_labels\.png.*category_id 3.*NUM_CLASSES\); set "
+                       "NUM_CLASSES to the number of classes of the dataset$"):
         mapper(_record(file_name, [_box(1, 1, 20, 20, 3)]))
 
 
@@ -141,3 +142,56 @@ def test_unknown_flip_is_a_clear_error():
     cfg.INPUT.RANDOM_FLIP = "diagonal"
     with pytest.raises(ValueError, match="INPUT.RANDOM_FLIP must be one of"):
         build_detr_augmentation(cfg, True)
+
+
+def test_range_resize_draws_every_size_of_the_range():
+    resize = DetrResizeShortestEdge((64, 66), 1000, "range")
+    np.random.seed(0)
+    sizes = {resize.get_transform(np.zeros((90, 120, 3), np.uint8)).new_h for _ in range(60)}
+    assert sizes == {64, 65, 66}
+
+
+def test_crop_branch_follows_the_config():
+    cfg = tiny_cfg()
+    cfg.INPUT.DETR_CROP.PROB = 0.3
+    random_apply = build_detr_augmentation(cfg, True)[1]
+    assert random_apply.prob == 0.3
+    resize = random_apply.aug.augs[0]
+    # One of RESIZE_SIZES, never a size between them.
+    assert not resize.is_range and list(resize.short_edge_length) == [64, 72]
+
+
+def test_mapper_trains_unless_told_otherwise(tmp_path):
+    out = DetrDatasetMapper(tiny_cfg())(_record(_image_file(tmp_path), [_box(10, 10, 30, 30)]))
+    assert "instances" in out
+
+
+def test_test_mode_reads_in_the_input_format(tmp_path):
+    cfg = tiny_cfg()
+    cfg.INPUT.FORMAT = "BGR"
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 1000  # the file's size: no resize
+    file_name = _image_file(tmp_path)
+    out = DetrDatasetMapper(cfg, False)(_record(file_name, [_box(1, 1, 20, 20)]))
+    rgb = np.asarray(Image.open(file_name))
+    assert np.array_equal(out["image"].numpy(), rgb[:, :, ::-1].transpose(2, 0, 1))
+
+
+def test_records_without_annotations(tmp_path):
+    record = _record(_image_file(tmp_path), [])
+    del record["annotations"]
+    assert "instances" not in DetrDatasetMapper(tiny_cfg(), False)(record)
+    assert len(_identity_mapper(tiny_cfg())(record)["instances"]) == 0
+
+
+def test_segmentation_and_keypoints_are_ignored(tmp_path):
+    box = _box(10, 10, 30, 30, segmentation=[[10, 10, 30, 10, 30, 30]], keypoints=[15, 15, 2])
+    mapper = _identity_mapper(tiny_cfg(), [T.HFlipTransform(80)])
+    inst = mapper(_record(_image_file(tmp_path), [box]))["instances"]
+    assert set(inst.get_fields()) == {"gt_boxes", "gt_classes"}
+    assert inst.gt_boxes.tensor.tolist() == [[50, 10, 70, 30]]
+
+
+def test_degenerate_box_warning_names_the_file(tmp_path, caplog):
+    file_name = _image_file(tmp_path, name="thin_box.png")
+    _identity_mapper(tiny_cfg())(_record(file_name, [_box(10, 10, 10, 30), _box(1, 1, 9, 9)]))
+    assert "thin_box.png" in caplog.text

@@ -6,9 +6,15 @@ import subprocess
 import sys
 
 import cv2
+import numpy as np
 import pytest
+import torch
 import yaml
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from tiny_deformable_detr import per_layer_heads
 
+from deformable_detr import add_deformable_detr_config
 from deformable_detr.data.trees import deepforest_data_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,19 +85,68 @@ def test_short_training_lowers_loss_and_writes_outputs(demo_run):
     assert max(cv2.imread(str(out / "sampling" / sampling[0])).shape) == 400  # zoomed
 
 
+# The detections above score 0.3 of the seeded model of _seeded_weights on OSBS_029.png
+# (400x400), recorded from a run: XYXY boxes in the photo's pixels.
+OSBS_029_DETECTIONS = [
+    [225.684616, 258.944305, 258.394501, 302.818359],
+    [93.500534, 208.921341, 125.533150, 252.163223],
+    [241.968063, 192.082733, 256.673187, 216.265350],
+]
+
+
+def _seeded_weights(path):
+    """The demo's structure (TINY) with seeded random weights and heads random enough that
+    scores and boxes depend on the image; written as a checkpoint for MODEL.WEIGHTS."""
+    cfg = get_cfg()
+    add_deformable_detr_config(cfg)
+    cfg.merge_from_file(CONFIG)
+    cfg.merge_from_list([*TINY, "MODEL.MOBILENET_V2.PRETRAINED", "False"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    torch.manual_seed(1)
+    class_heads, box_heads = per_layer_heads(model)
+    for head in class_heads:
+        torch.nn.init.normal_(head.weight, std=0.5)
+    for head in box_heads:
+        torch.nn.init.normal_(head.layers[-1].weight, std=0.1)
+    torch.save({"model": model.state_dict()}, path)
+    return str(path)
+
+
+def _band(mask, box, width):
+    """Pixels of ``mask`` within ``width`` of the outline of ``box``."""
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    band = np.zeros_like(mask)
+    band[max(y0 - width, 0) : y1 + width + 1, max(x0 - width, 0) : x1 + width + 1] = True
+    band[y0 + width + 1 : y1 - width, x0 + width + 1 : x1 - width] = False
+    return mask[band]
+
+
 @pytest.mark.slow
-def test_predict_py_writes_image(demo_run, tmp_path):
-    out, _, env = demo_run
+def test_predict_py_draws_the_known_detections(tmp_path):
     photo = os.path.join(deepforest_data_dir(), "OSBS_029.png")
-    _run(
+    weights = _seeded_weights(tmp_path / "seeded.pth")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    stdout = _run(
         ["predict.py", "--config-file", CONFIG, "--input", photo, "--output", str(tmp_path),
-         "--confidence-threshold", "0.0", "--opts", "MODEL.WEIGHTS",
-         str(out / "model_final.pth"), *TINY],
+         "--confidence-threshold", "0.3", "--opts", "MODEL.WEIGHTS", weights,
+         "MODEL.MOBILENET_V2.PRETRAINED", "False", *TINY],
         env,
     )
+    assert f"OSBS_029.png: {len(OSBS_029_DETECTIONS)} detections" in stdout
+    original = cv2.imread(photo)
     drawn = cv2.imread(str(tmp_path / "OSBS_029.png"))
-    assert drawn is not None and drawn.shape == cv2.imread(photo).shape
-    assert (drawn != cv2.imread(photo)).any()  # boxes were drawn
+    assert drawn.shape == original.shape
+    changed = (drawn != original).any(-1)
+    # Every known box is outlined: nearly all pixels along its edges were drawn over ...
+    for box in OSBS_029_DETECTIONS:
+        assert _band(changed, box, width=1).mean() > 0.9, box
+    # ... and nothing else: away from the boxes and their labels (drawn above a box's top left
+    # corner, or below a small box) the photo is untouched.
+    near_a_box = np.zeros_like(changed)
+    for x0, y0, x1, y1 in OSBS_029_DETECTIONS:
+        near_a_box[max(int(y0) - 20, 0) : int(y1) + 20, max(int(x0) - 4, 0) : int(x1) + 60] = True
+    assert not changed[~near_a_box].any()
 
 
 def test_demo_seed_is_fixed_by_the_config_and_varied_from_make():

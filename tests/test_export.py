@@ -204,6 +204,38 @@ def test_verify_export_names_the_output_that_differs():
     assert verify_export(model, lambda *x: _eager(model, *x), batches)["pred_logits"] == 0
 
 
+def test_verify_export_compares_the_detections_too():
+    model = _model("multi_scale")
+    batches = _mixed_size_batches(model, (128, 160))
+
+    def swapped_classes(images, padding_mask):
+        logits, boxes = _eager(model, images, padding_mask)
+        return logits.flip(-1), boxes
+
+    def shifted_boxes(images, padding_mask):
+        logits, boxes = _eager(model, images, padding_mask)
+        return logits, boxes + 0.01
+
+    def raised_scores(images, padding_mask):
+        logits, boxes = _eager(model, images, padding_mask)
+        return logits + 0.5, boxes
+
+    with pytest.raises(ExportMismatchError, match=r"\): pred_logits by [0-9.]+, the detected "
+                                                  r"classes$"):
+        verify_export(model, swapped_classes, batches)
+    # Boxes compared after post-processing too, as XYXY normalized by the image size: +0.01 on
+    # (cx, cy, w, h) moves the right and bottom edges by 0.015.
+    with pytest.raises(ExportMismatchError, match=r"pred_boxes by 0\.01, boxes by 0\.015$"):
+        verify_export(model, shifted_boxes, batches)
+    with pytest.raises(ExportMismatchError, match=r"pred_logits by 0\.5, scores by 0\.[0-9]+$"):
+        verify_export(model, raised_scores, batches)
+    # The tolerance is inclusive: an exact export passes even at atol=0 ...
+    assert set(verify_export(model, lambda *x: _eager(model, *x), batches, atol=0).values()) == {0}
+    # ... also without any detection to compare.
+    model.detections_per_image = 0
+    assert set(verify_export(model, lambda *x: _eager(model, *x), batches, atol=0).values()) == {0}
+
+
 def _tool(argv):
     return runpy.run_path(str(REPO / "tools" / "export_model.py"))["main"](argv)
 

@@ -73,6 +73,18 @@ def test_obvious_assignment():
     assert dict(zip(tgt.tolist(), src.tolist())) == {0: 1, 1: 0}
 
 
+def test_saturated_scores_still_match():
+    # Probabilities of exactly 0 and 1 in float32: the epsilon keeps the focal cost finite.
+    outputs = {
+        "pred_logits": torch.tensor([[[-100.0, 100.0], [100.0, -100.0]]]),
+        "pred_boxes": torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.7, 0.7, 0.2, 0.2]]]),
+    }
+    targets = [{"labels": torch.tensor([0, 1]),
+                "boxes": torch.tensor([[0.7, 0.7, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1]])}]
+    (src, tgt), = HungarianMatcher()(outputs, targets)
+    assert dict(zip(tgt.tolist(), src.tolist())) == {0: 1, 1: 0}
+
+
 def test_empty_targets_and_half_precision_inputs():
     outputs, targets = _random_case(0, bs=2, num_queries=4, num_targets=[0, 2])
     outputs = {k: v.half() for k, v in outputs.items()}
@@ -82,5 +94,8 @@ def test_empty_targets_and_half_precision_inputs():
 
 
 def test_all_zero_costs_rejected():
-    with pytest.raises(ValueError, match="cannot all be 0"):
+    with pytest.raises(ValueError, match="^cost_class, cost_bbox and cost_giou cannot all be 0$"):
         HungarianMatcher(0, 0, 0)
+    # Any one cost alone is a valid matcher.
+    for costs in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
+        HungarianMatcher(*costs)

@@ -121,3 +121,13 @@ def official_head_keys(key, cfg):
     if (kind == "bbox" and dd.WITH_BOX_REFINE) or (kind == "class" and dd.TWO_STAGE.ENABLED):
         keys += ["transformer.decoder." + k for k in keys]
     return keys
+
+
+def per_layer_heads(model):
+    """The class and box heads of every decoder layer (then of the two-stage encoder), a shared
+    head listed once per layer: the order in which seeded tests draw random head weights."""
+    heads = model.heads
+    indices = [heads.head_index(layer) for layer in range(model.transformer.decoder.num_layers)]
+    if model.two_stage:
+        indices.append(heads.encoder_head_index)
+    return [heads.class_embed[i] for i in indices], [heads.bbox_embed[i] for i in indices]

@@ -86,11 +86,12 @@ def write_messy_coco(root):
     return f"{json_path}:{image_dir}"
 
 
-def run_train_net(args, log_file):
-    """Starts ``train_net.py args`` on one CPU thread, its output going to the open ``log_file``
-    (a pipe nobody reads would block it); returns the Popen."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+def run_train_net(args, log_file, script=TRAIN_NET, **env):
+    """Starts ``script args`` (``train_net.py`` or a wrapper of it) on one CPU thread with the
+    extra environment variables ``env``, its output going to the open ``log_file`` (a pipe nobody
+    reads would block it); returns the Popen."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **env)
     return subprocess.Popen(
-        [PYTHON, str(TRAIN_NET), *args], cwd=REPO, env=env, stdout=log_file,
+        [PYTHON, str(script), *args], cwd=REPO, env=env, stdout=log_file,
         stderr=subprocess.STDOUT,
     )

@@ -32,7 +32,6 @@ class HungarianMatcher(nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
 
-    @torch.no_grad()
     def forward(
         self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]]
     ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -44,24 +43,28 @@ class HungarianMatcher(nn.Module):
         Returns:
             N pairs (query_indices, target_indices), each int64 of length min(Q, T_i).
         """
-        bs, num_queries = outputs["pred_logits"].shape[:2]
-        out_prob = outputs["pred_logits"].flatten(0, 1).float().sigmoid()
-        out_bbox = outputs["pred_boxes"].flatten(0, 1).float()
-        tgt_ids = torch.cat([t["labels"] for t in targets])
-        tgt_bbox = torch.cat([t["boxes"] for t in targets]).float()
+        # Not a decorator: mutmut (make mutation) does not mutate decorated functions.
+        with torch.no_grad():
+            bs, num_queries = outputs["pred_logits"].shape[:2]
+            out_prob = outputs["pred_logits"].flatten(0, 1).float().sigmoid()
+            out_bbox = outputs["pred_boxes"].flatten(0, 1).float()
+            tgt_ids = torch.cat([t["labels"] for t in targets])
+            tgt_bbox = torch.cat([t["boxes"] for t in targets]).float()
 
-        alpha, gamma = self.focal_alpha, self.focal_gamma
-        neg_cost_class = (1 - alpha) * (out_prob**gamma) * (-(1 - out_prob + 1e-8).log())
-        pos_cost_class = alpha * ((1 - out_prob) ** gamma) * (-(out_prob + 1e-8).log())
-        cost_class = pos_cost_class[:, tgt_ids] - neg_cost_class[:, tgt_ids]
-        cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
-        cost_giou = -generalized_box_iou(
-            box_convert(out_bbox, "cxcywh", "xyxy"), box_convert(tgt_bbox, "cxcywh", "xyxy")
-        )
-        cost = (
-            self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
-        )
-        cost = cost.view(bs, num_queries, -1).cpu()
+            alpha, gamma = self.focal_alpha, self.focal_gamma
+            neg_cost_class = (1 - alpha) * (out_prob**gamma) * (-(1 - out_prob + 1e-8).log())
+            pos_cost_class = alpha * ((1 - out_prob) ** gamma) * (-(out_prob + 1e-8).log())
+            cost_class = pos_cost_class[:, tgt_ids] - neg_cost_class[:, tgt_ids]
+            cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
+            cost_giou = -generalized_box_iou(
+                box_convert(out_bbox, "cxcywh", "xyxy"), box_convert(tgt_bbox, "cxcywh", "xyxy")
+            )
+            cost = (
+                self.cost_bbox * cost_bbox
+                + self.cost_class * cost_class
+                + self.cost_giou * cost_giou
+            )
+            cost = cost.view(bs, num_queries, -1).cpu()
 
         sizes = [len(t["boxes"]) for t in targets]
         indices = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, -1))]
