@@ -7,7 +7,7 @@ import torch
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.structures import Instances, pairwise_iou
-from tiny_deformable_detr import VARIANTS, instances, per_layer_heads, synthetic_scenes, tiny_cfg
+from tiny_deformable_detr import VARIANTS, instances, randomize_heads_, synthetic_scenes, tiny_cfg
 from torchvision.ops import box_convert
 
 from deformable_detr.modeling import DeformableDETR
@@ -304,13 +304,7 @@ def test_default_predictor_on_real_photo_gives_known_detections():
     torch.manual_seed(0)
     predictor = DefaultPredictor(cfg)
     model = predictor.model
-    # Random heads (seeded), so that scores and boxes depend on the image and spread out.
-    torch.manual_seed(1)
-    class_heads, box_heads = per_layer_heads(model)
-    for head in class_heads:
-        torch.nn.init.normal_(head.weight, std=0.5)
-    for head in box_heads:
-        torch.nn.init.normal_(head.layers[-1].weight, std=0.1)
+    randomize_heads_(model, seed=1)
     raw_outputs = []
     model_raw_outputs = model.raw_outputs
     model.raw_outputs = lambda inputs: (

@@ -12,7 +12,7 @@ import torch
 import yaml
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
-from tiny_deformable_detr import per_layer_heads
+from tiny_deformable_detr import randomize_heads_
 
 from deformable_detr import add_deformable_detr_config
 from deformable_detr.data.trees import deepforest_data_dir
@@ -103,12 +103,7 @@ def _seeded_weights(path):
     cfg.merge_from_list([*TINY, "MODEL.MOBILENET_V2.PRETRAINED", "False"])
     torch.manual_seed(0)
     model = build_model(cfg)
-    torch.manual_seed(1)
-    class_heads, box_heads = per_layer_heads(model)
-    for head in class_heads:
-        torch.nn.init.normal_(head.weight, std=0.5)
-    for head in box_heads:
-        torch.nn.init.normal_(head.layers[-1].weight, std=0.1)
+    randomize_heads_(model, seed=1)
     torch.save({"model": model.state_dict()}, path)
     return str(path)
 

@@ -123,11 +123,17 @@ def official_head_keys(key, cfg):
     return keys
 
 
-def per_layer_heads(model):
-    """The class and box heads of every decoder layer (then of the two-stage encoder), a shared
-    head listed once per layer: the order in which seeded tests draw random head weights."""
+def randomize_heads_(model, seed: int = 1):
+    """Seeded random class weights and box-head last layers, so that scores and boxes depend on
+    the image; drawn per decoder layer (then the two-stage encoder), a shared head once per layer,
+    the order the recorded detections of the predictor tests were made with."""
     heads = model.heads
     indices = [heads.head_index(layer) for layer in range(model.transformer.decoder.num_layers)]
     if model.two_stage:
         indices.append(heads.encoder_head_index)
-    return [heads.class_embed[i] for i in indices], [heads.bbox_embed[i] for i in indices]
+    torch.manual_seed(seed)
+    for i in indices:
+        torch.nn.init.normal_(heads.class_embed[i].weight, std=0.5)
+    for i in indices:
+        torch.nn.init.normal_(heads.bbox_embed[i].layers[-1].weight, std=0.1)
+    return model
