@@ -25,7 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 STAGING = REPO / "build" / "mutation"
 # group -> (modules to mutate, globs relative to the staging root; the fast tests that cover them)
 GROUPS = {
-    "criterion": (["src/deformable_detr/modeling/criterion.py"], ["tests/test_criterion.py"]),
+    "criterion": (
+        ["src/deformable_detr/modeling/criterion.py"],
+        ["tests/test_criterion.py", "tests/test_denoising.py"],
+    ),
     "matcher": (
         ["src/deformable_detr/modeling/matcher.py"],
         ["tests/test_matcher.py", "tests/test_criterion.py"],
