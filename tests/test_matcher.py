@@ -3,6 +3,8 @@ import math
 
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
+from torchvision.ops import box_convert, generalized_box_iou
 
 from deformable_detr.modeling.matcher import HungarianMatcher
 
@@ -59,6 +61,36 @@ def test_matches_brute_force(seed):
         assert len(set(src.tolist())) == len(src)
         found = sum(cost[q][t] for q, t in zip(src.tolist(), tgt.tolist()))
         assert found == pytest.approx(best, abs=1e-4)
+
+
+def _official_batched_indices(outputs, targets, alpha=0.25, gamma=2.0):
+    """The official matcher: all images' queries against all images' targets, then each image's
+    block of the cost matrix."""
+    bs, num_queries = outputs["pred_logits"].shape[:2]
+    prob = outputs["pred_logits"].flatten(0, 1).sigmoid()
+    boxes = outputs["pred_boxes"].flatten(0, 1)
+    tgt_ids = torch.cat([t["labels"] for t in targets])
+    tgt_boxes = torch.cat([t["boxes"] for t in targets])
+    neg = (1 - alpha) * (prob**gamma) * (-(1 - prob + 1e-8).log())
+    pos = alpha * ((1 - prob) ** gamma) * (-(prob + 1e-8).log())
+    giou = generalized_box_iou(
+        box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")
+    )
+    cost_class = pos[:, tgt_ids] - neg[:, tgt_ids]
+    cost = 5 * torch.cdist(boxes, tgt_boxes, p=1) + 2 * cost_class - 2 * giou
+    sizes = [len(t["boxes"]) for t in targets]
+    blocks = cost.view(bs, num_queries, -1).split(sizes, -1)
+    return [linear_sum_assignment(c[i]) for i, c in enumerate(blocks)]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_same_assignment_as_the_official_batched_cost(seed):
+    """Each image's cost block is computed alone; the assignment must not change."""
+    outputs, targets = _random_case(seed, bs=4, num_queries=300, num_targets=[20, 0, 57, 5])
+    for (src, tgt), (ref_src, ref_tgt) in zip(
+        HungarianMatcher()(outputs, targets), _official_batched_indices(outputs, targets)
+    ):
+        assert src.tolist() == ref_src.tolist() and tgt.tolist() == ref_tgt.tolist()
 
 
 def test_obvious_assignment():

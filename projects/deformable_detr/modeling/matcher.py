@@ -45,30 +45,32 @@ class HungarianMatcher(nn.Module):
         """
         # Not a decorator: mutmut (make mutation) does not mutate decorated functions.
         with torch.no_grad():
-            bs, num_queries = outputs["pred_logits"].shape[:2]
-            out_prob = outputs["pred_logits"].flatten(0, 1).float().sigmoid()
-            out_bbox = outputs["pred_boxes"].flatten(0, 1).float()
-            tgt_ids = torch.cat([t["labels"] for t in targets])
-            tgt_bbox = torch.cat([t["boxes"] for t in targets]).float()
-
-            alpha, gamma = self.focal_alpha, self.focal_gamma
-            neg_cost_class = (1 - alpha) * (out_prob**gamma) * (-(1 - out_prob + 1e-8).log())
-            pos_cost_class = alpha * ((1 - out_prob) ** gamma) * (-(out_prob + 1e-8).log())
-            cost_class = pos_cost_class[:, tgt_ids] - neg_cost_class[:, tgt_ids]
-            cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
-            cost_giou = -generalized_box_iou(
-                box_convert(out_bbox, "cxcywh", "xyxy"), box_convert(tgt_bbox, "cxcywh", "xyxy")
-            )
-            cost = (
-                self.cost_bbox * cost_bbox
-                + self.cost_class * cost_class
-                + self.cost_giou * cost_giou
-            )
-            cost = cost.view(bs, num_queries, -1).cpu()
-
-        sizes = [len(t["boxes"]) for t in targets]
-        indices = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, -1))]
+            # Each image's own block of the cost matrix only: the official code computes all
+            # images' queries against all images' targets and discards the off-diagonal
+            # blocks, batch-size times the work (the two-stage encoder cost spans every pixel).
+            costs = [
+                self._cost(logits, boxes, t["labels"], t["boxes"]).cpu()
+                for logits, boxes, t in zip(outputs["pred_logits"], outputs["pred_boxes"], targets)
+            ]
+        indices = [linear_sum_assignment(c) for c in costs]
         return [
             (torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64))
             for i, j in indices
         ]
+
+    def _cost(self, logits, boxes, tgt_ids, tgt_bbox) -> torch.Tensor:
+        """(Q, T) matching cost of one image's ``logits`` (Q, K) and ``boxes`` (Q, 4)."""
+        out_prob = logits.float().sigmoid()
+        out_bbox = boxes.float()
+        tgt_bbox = tgt_bbox.float()
+        alpha, gamma = self.focal_alpha, self.focal_gamma
+        neg_cost_class = (1 - alpha) * (out_prob**gamma) * (-(1 - out_prob + 1e-8).log())
+        pos_cost_class = alpha * ((1 - out_prob) ** gamma) * (-(out_prob + 1e-8).log())
+        cost_class = pos_cost_class[:, tgt_ids] - neg_cost_class[:, tgt_ids]
+        cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
+        cost_giou = -generalized_box_iou(
+            box_convert(out_bbox, "cxcywh", "xyxy"), box_convert(tgt_bbox, "cxcywh", "xyxy")
+        )
+        return (
+            self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        )
