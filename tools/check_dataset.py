@@ -11,10 +11,15 @@ import argparse
 import sys
 
 try:
+    # First: the package silences the torch.jit.script warnings detectron2 causes at import,
+    # and it registers the builtin datasets.
+    import deformable_detr  # noqa: F401
+except ImportError as error:
+    sys.exit(f"check_dataset.py: {error}. Run `make setup` (or use .venv/bin/python).")
+try:
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import register_coco_instances
 
-    import deformable_detr  # noqa: F401  (registers the builtin datasets)
     from deformable_detr.data.user_coco import parse_coco_spec
     from deformable_detr.data.validation import find_dataset_problems
 except ImportError as error:

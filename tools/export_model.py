@@ -37,6 +37,11 @@ import os
 import sys
 
 try:
+    # First: the package silences the torch.jit.script warnings detectron2 causes at import.
+    import deformable_detr  # noqa: F401
+except ImportError as e:
+    sys.exit(f"export_model.py: {e}. Run `make setup` (or use .venv/bin/python).")
+try:
     from detectron2.data import DatasetCatalog
     from detectron2.modeling import build_model
 

@@ -17,6 +17,11 @@ import sys
 import time
 
 try:
+    # First: the package silences the torch.jit.script warnings detectron2 causes at import.
+    import deformable_detr  # noqa: F401
+except ImportError as e:
+    sys.exit(f"trees_demo.py: {e}. Run `make setup` (or use .venv/bin/python).")
+try:
     import cv2
     import numpy as np
     import torch

@@ -16,6 +16,11 @@ import os
 import sys
 
 try:
+    # First: the package silences the torch.jit.script warnings detectron2 causes at import.
+    import deformable_detr  # noqa: F401
+except ImportError as e:
+    sys.exit(f"visualize_sampling.py: {e}. Run `make setup` (or use .venv/bin/python).")
+try:
     from detectron2.data import MetadataCatalog
     from detectron2.data.detection_utils import read_image
 
