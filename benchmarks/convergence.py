@@ -12,7 +12,8 @@ retrained, so an interrupted study resumes. ``KEY VALUE`` pairs change every var
 
 ``--time-only`` measures seconds per training step of each variant side by side: every model
 takes the same real ``trees_train`` batches, round robin over the variants, so a change in the
-machine's load falls on all of them alike; it prints the median and the ratio to the baseline.
+machine's load falls on all of them alike; it prints the median and, per round, the ratio to the
+baseline's step on the same batch (their median and range).
 """
 
 import argparse
@@ -161,13 +162,16 @@ def time_steps(args):
             step(batch)
             if round_index:  # the first round warms up (allocator, optimizer state)
                 seconds[variant].append(time.perf_counter() - start)
-    baseline = statistics.median(seconds[args.variants[0]])
-    print(f"| variant | s/step median (min-max) | ratio to {args.variants[0]} |")
+    reference = seconds[args.variants[0]]
+    print(f"| variant | s/step median (min-max) | ratio to {args.variants[0]}, median of the "
+          f"rounds (min-max) |")
     print("|---|---|---|")
     for variant, values in seconds.items():
-        median = statistics.median(values)
-        print(f"| {variant} | {median:.3f} ({min(values):.3f}-{max(values):.3f}) | "
-              f"{median / baseline:.2f} |")
+        # paired by round: the same batch, taken moments apart
+        ratios = [value / base for value, base in zip(values, reference)]
+        print(f"| {variant} | {statistics.median(values):.3f} ({min(values):.3f}-"
+              f"{max(values):.3f}) | {statistics.median(ratios):.2f} ({min(ratios):.2f}-"
+              f"{max(ratios):.2f}) |")
     print(end_note())
 
 

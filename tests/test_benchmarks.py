@@ -6,6 +6,7 @@ times are asserted.
 """
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -92,3 +93,42 @@ def test_inference_benchmark_bf16_rows(capsys, monkeypatch, cpu_has_bf16):
     else:
         assert row not in out and "# no bf16 rows: this CPU has neither AVX512-BF16 nor AMX" in out
         assert ("R50 multi-scale", "itself in bf16") not in results["max_abs_diff"]
+
+
+def _write_metrics(run_dir, ap50_at_150, ap50_at_300, seconds):
+    run_dir.mkdir(parents=True)
+    records = [
+        {"iteration": 19, "time": seconds, "total_loss": 9.0},
+        {"iteration": 149, "bbox/AP": ap50_at_150 / 3, "bbox/AP50": ap50_at_150},
+        {"iteration": 299, "bbox/AP": ap50_at_300 / 3, "bbox/AP50": ap50_at_300},
+    ]
+    (run_dir / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_convergence_study_reports_medians_of_finished_runs_without_training(tmp_path, capsys):
+    ap50 = {"baseline": [(40, 50), (42, 60), (41, 55)], "denoising": [(45, 61), (47, 58), (46, 70)]}
+    for variant, per_seed in ap50.items():
+        for seed, (at_150, at_300) in enumerate(per_seed, start=1):
+            _write_metrics(tmp_path / f"{variant}_seed{seed}", at_150, at_300, 3.0)
+    load("convergence").main(
+        ["--variants", "baseline", "denoising", "--output", str(tmp_path), "--jobs", "1"]
+    )
+    out = capsys.readouterr().out
+    assert "0 to train" in out
+    assert "| baseline | 300 | 55.0 (50.0-60.0) | 18.3 (16.7-20.0) | 50.0, 60.0, 55.0 |" in out
+    assert "| denoising | 150 | 46.0 (45.0-47.0) |" in out
+    assert "| denoising | 300 | 61.0 (58.0-70.0) |" in out
+
+
+def test_convergence_time_only_times_every_variant_on_the_same_batches(capsys):
+    convergence = load("convergence")
+    small = [
+        "MODEL.DEFORMABLE_DETR.ENC_LAYERS", "1", "MODEL.DEFORMABLE_DETR.DEC_LAYERS", "2",
+        "MODEL.DEFORMABLE_DETR.NUM_QUERIES", "30", "MODEL.DEFORMABLE_DETR.TWO_STAGE.NUM_PROPOSALS",
+        "30", "INPUT.MIN_SIZE_TRAIN", "(128,)", "SOLVER.IMS_PER_BATCH", "2",
+        "DATALOADER.NUM_WORKERS", "0",
+    ]
+    convergence.main(["--time-only", "--steps", "1", "--threads", "1", *small])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0][2:] for row in rows[1:]] == list(convergence.VARIANTS)
+    assert rows[1].endswith("| 1.00 (1.00-1.00) |")
