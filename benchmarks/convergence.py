@@ -60,8 +60,10 @@ def read_run(run_dir, iters):
     if not metrics.exists():
         return None
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    evaluations = {r["iteration"] + 1: (r["bbox/AP50"], r["bbox/AP"]) for r in records
-                   if "bbox/AP" in r}
+    # A periodic evaluation is logged at the step it follows (149 for 150), the last one after
+    # training at ``iters`` itself.
+    evaluations = {min(r["iteration"] + 1, iters): (r["bbox/AP50"], r["bbox/AP"])
+                   for r in records if "bbox/AP" in r}
     if iters not in evaluations:
         return None
     seconds = statistics.median(r["time"] for r in records if "time" in r)
@@ -117,8 +119,9 @@ def report(args):
     print(f"\n# {args.config_file.name}, {args.iters} iterations (LR drop at "
           f"{args.iters * 5 // 6}), seeds {' '.join(map(str, args.seeds))}, "
           f"extra options: {' '.join(args.opts) or 'none'}")
-    print("| variant | iteration | AP50 median (min-max) | AP median (min-max) | AP50 per seed |")
-    print("|---|---|---|---|---|")
+    print("| variant | iteration | AP50 median (min-max) | AP median (min-max) | AP50 per seed | "
+          "s/step, each run's median |")
+    print("|---|---|---|---|---|---|")
     for variant in args.variants:
         results = [read_run(Path(args.output) / f"{variant}_seed{seed}", args.iters)
                    for seed in args.seeds]
@@ -126,7 +129,8 @@ def report(args):
             ap50 = [evaluations[iteration][0] for evaluations, _ in results]
             ap = [evaluations[iteration][1] for evaluations, _ in results]
             print(f"| {variant} | {iteration} | {spread(ap50)} | {spread(ap)} | "
-                  f"{', '.join(f'{v:.1f}' for v in ap50)} |")
+                  f"{', '.join(f'{v:.1f}' for v in ap50)} | "
+                  f"{', '.join(f'{seconds:.2f}' for _, seconds in results)} |")
     print(end_note())
 
 
