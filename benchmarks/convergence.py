@@ -45,11 +45,16 @@ VARIANTS = {
 VARIANTS["all"] = [opt for name, opts in VARIANTS.items() if name != "baseline" for opt in opts]
 
 
+def lr_drop(iters):
+    """The demo's learning-rate drop, at 5/6 of the schedule."""
+    return iters * 5 // 6
+
+
 def schedule_opts(iters, eval_period):
-    """The demo's schedule shortened to ``iters``: the learning rate drops at 5/6 of it."""
+    """The demo's schedule shortened to ``iters``."""
     return [
         "SOLVER.MAX_ITER", str(iters),
-        "SOLVER.STEPS", f"({iters * 5 // 6},)",
+        "SOLVER.STEPS", f"({lr_drop(iters)},)",
         "TEST.EVAL_PERIOD", str(eval_period),
     ]
 
@@ -117,7 +122,7 @@ def spread(values):
 
 def report(args):
     print(f"\n# {args.config_file.name}, {args.iters} iterations (LR drop at "
-          f"{args.iters * 5 // 6}), seeds {' '.join(map(str, args.seeds))}, "
+          f"{lr_drop(args.iters)}), seeds {' '.join(map(str, args.seeds))}, "
           f"extra options: {' '.join(args.opts) or 'none'}")
     print("| variant | iteration | AP50 median (min-max) | AP median (min-max) | AP50 per seed | "
           "s/step, each run's median |")
