@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torchvision.ops import box_convert, nms
 
 from deformable_detr.layers import MSDeformAttn
 from deformable_detr.modeling.deformable_transformer import (
@@ -255,3 +256,28 @@ def test_distinct_topk_proposals_suppress_overlaps_then_fill():
 
     with pytest.raises(ValueError, match="TWO_STAGE.PROPOSAL_NMS_THRESH"):
         DeformableTransformer(two_stage=True, two_stage_proposal_nms_thresh=0.0)
+
+
+@pytest.mark.parametrize("clusters", [400, 45, 30])
+def test_distinct_topk_proposals_equal_nms_over_all_positions(clusters):
+    # Boxes jittered around centres, one survivor per centre or so: with 400 centres NMS over
+    # the best 4k boxes keeps k, with 45 the prefix grows (to all boxes in one image), with 30
+    # fewer than k survive at all.
+    k, positions = 50, 3000
+    generator = torch.Generator().manual_seed(clusters)
+    centres = torch.rand(clusters, 2, generator=generator)
+    cluster = torch.randint(clusters, (2, positions), generator=generator)
+    xy = centres[cluster] + 0.003 * torch.randn(2, positions, 2, generator=generator)
+    boxes = torch.cat([xy, torch.full((2, positions, 2), 0.1)], -1).clamp(0.01, 0.99)
+    scores = torch.randn(2, positions, generator=generator)
+
+    xyxy = box_convert(boxes, "cxcywh", "xyxy")
+    expected = []
+    for scores_i, boxes_i in zip(scores, xyxy):
+        keep = nms(boxes_i, scores_i, 0.7)
+        suppressed = torch.ones_like(scores_i, dtype=torch.bool).index_fill(0, keep, False)
+        rest = torch.nonzero(suppressed)[:, 0]
+        rest = rest[scores_i[rest].argsort(descending=True)]
+        expected.append(torch.cat([keep, rest])[:k])
+    selected = select_proposals(scores, inverse_sigmoid(boxes), k, 0.7)
+    assert selected.tolist() == torch.stack(expected).tolist()

@@ -36,6 +36,19 @@ def test_reproduces_torchvision_features(weights):
     torch.testing.assert_close(backbone.features[0][0].weight, first_conv)
 
 
+def test_runs_channels_last_on_the_cpu():
+    backbone = MobileNetV2Backbone(["mnv2_s8", "mnv2_s16", "mnv2_s32"]).eval()
+    layouts = []
+    backbone.features[0].register_forward_pre_hook(
+        lambda _module, inputs: layouts.append(
+            inputs[0].is_contiguous(memory_format=torch.channels_last)
+        )
+    )
+    with torch.no_grad():
+        backbone(torch.randn(1, 3, 64, 96))
+    assert layouts == [True]
+
+
 def test_output_shape_matches_outputs():
     backbone = MobileNetV2Backbone(["mnv2_s8", "mnv2_s16", "mnv2_s32"])
     out = backbone(torch.randn(1, 3, 160, 224))

@@ -80,12 +80,32 @@ def select_proposals(
     # tracer, which then bakes the example input's survivors into the file as a constant.
     kept = []
     for scores_i, boxes_i in zip(scores, boxes):
-        keep = nms(boxes_i, scores_i, nms_thresh)
+        keep = _nms_keeping_k(boxes_i, scores_i, nms_thresh, k)
         kept.append(scores_i.new_zeros(scores_i.shape).scatter(0, keep, 1.0))
     kept = torch.stack(kept)
     # Survivors first, each group by score (fixed shapes: traceable and exportable).
     offset = scores.amax(1, keepdim=True) - scores.amin(1, keepdim=True) + 1
     return torch.topk(scores + kept * offset, k, dim=1)[1]
+
+
+def _nms_keeping_k(boxes: torch.Tensor, scores: torch.Tensor, thresh: float, k: int):
+    """
+    Indices kept by greedy NMS: all of them, or at least the ``k`` best. Greedy NMS decides a box
+    from the higher-scoring boxes alone, so when NMS over the best ``4k`` boxes (then ``8k``, ...)
+    keeps ``k``, these are the ``k`` best survivors of NMS over all boxes (up to the order of
+    exactly tied scores). NMS over every encoder position was 7% of the demo's training step.
+    Traced or compiled, the data-dependent loop would be frozen: there NMS runs over all boxes.
+    """
+    prefix = 4 * k
+    while prefix < scores.shape[0] and not (
+        torch.jit.is_tracing() or torch.compiler.is_compiling()
+    ):
+        best = torch.topk(scores, prefix).indices
+        keep = best[nms(boxes[best], scores[best], thresh)]
+        if keep.shape[0] >= k:
+            return keep
+        prefix *= 2
+    return nms(boxes, scores, thresh)
 
 
 def proposal_position_embedding(proposals: torch.Tensor, d_model: int) -> torch.Tensor:
