@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
 import torch
+
+# First: the package silences the torch.jit.script warnings detectron2 causes at import.
+import deformable_detr  # noqa: F401
+
+# isort: split
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from timing import timed

@@ -47,7 +47,16 @@ SCRIPTS = [
 ]
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+BENCHMARKS = [
+    "benchmarks/convergence.py",
+    "benchmarks/inference.py",
+    "benchmarks/ms_deform_attn.py",
+    "benchmarks/scaling.py",
+    "benchmarks/train_step.py",
+]
+
+
+@pytest.mark.parametrize("script", SCRIPTS + BENCHMARKS)
 def test_scripts_start_without_warnings(script):
     """detectron2's import-time torch.jit.script warnings are silenced before it is imported."""
     result = subprocess.run(
