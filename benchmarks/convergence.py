@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from benchmark_utils import DEMO_CONFIG, ROOT, end_note, machine, setup_threads
+from train_step import make_step
 
 from deformable_detr.data import prepare_trees
 from deformable_detr.ema import ModelEMA
@@ -152,18 +153,8 @@ def time_steps(args):
         cfg = load_config(str(args.config_file), [*VARIANTS[variant], *args.opts])
         torch.manual_seed(0)
         model = Trainer.build_model(cfg).train()
-        optimizer = Trainer.build_optimizer(cfg, model)
         model_ema = ModelEMA(cfg.SOLVER.EMA.DECAY) if cfg.SOLVER.EMA.ENABLED else None
-
-        def step(batch, model=model, optimizer=optimizer, model_ema=model_ema):
-            losses = model(batch)
-            optimizer.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            optimizer.step()
-            if model_ema is not None:
-                model_ema.update(model)
-
-        steps[variant] = step
+        steps[variant] = make_step(cfg, model, model_ema=model_ema)
     seconds = {variant: [] for variant in args.variants}
     for round_index, batch in enumerate(batches):
         for variant, step in steps.items():

@@ -20,6 +20,7 @@ parts of the step; each backward autograd node is charged to the range of the fo
 created it (same ``sequence_nr``).
 """
 
+import functools
 import resource
 import sys
 from collections import defaultdict
@@ -74,13 +75,14 @@ def synthetic_batch(batch_size, height, width, num_boxes, num_classes, device, s
     return batch
 
 
-def make_step(cfg, model, batch, args):
-    """One training step as the trainer runs it, with the optimizer of ``deformable_detr.solver``
-    (three learning rates, full-model gradient clipping)."""
+def make_step(cfg, model, device="cpu", dtype="fp32", model_ema=None):
+    """``step(batch)``: one training step as the trainer runs it, with the optimizer of
+    ``deformable_detr.solver`` (three learning rates, full-model gradient clipping) and, given
+    ``model_ema``, the EMA hook's update of the averaged weights."""
     optimizer = build_optimizer(cfg, model)
 
-    def step():
-        with record_function(RANGE_PREFIX + "forward"), autocast(args.device, args.dtype):
+    def step(batch):
+        with record_function(RANGE_PREFIX + "forward"), autocast(device, dtype):
             losses = model(batch)
         total = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
@@ -88,6 +90,8 @@ def make_step(cfg, model, batch, args):
             total.backward()
         with record_function(RANGE_PREFIX + "optimizer"):
             optimizer.step()
+            if model_ema is not None:
+                model_ema.update(model)
 
     return step
 
@@ -160,7 +164,7 @@ def main(argv=None):
     batch = synthetic_batch(
         batch_size, height, width, 10, cfg.MODEL.DEFORMABLE_DETR.NUM_CLASSES, args.device
     )
-    step = make_step(cfg, model, batch, args)
+    step = functools.partial(make_step(cfg, model, args.device, args.dtype), batch)
 
     print(f"# training step, batch {batch_size} of {height}x{width}, {args.dtype}, "
           f"{machine(args.device, args.threads)}")
