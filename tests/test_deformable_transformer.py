@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -258,19 +259,23 @@ def test_distinct_topk_proposals_suppress_overlaps_then_fill():
         DeformableTransformer(two_stage=True, two_stage_proposal_nms_thresh=0.0)
 
 
-@pytest.mark.parametrize("clusters", [400, 45, 30])
-def test_distinct_topk_proposals_equal_nms_over_all_positions(clusters):
-    # Boxes jittered around centres, one survivor per centre or so: with 400 centres NMS over
-    # the best 4k boxes keeps k, with 45 the prefix grows (to all boxes in one image), with 30
-    # fewer than k survive at all.
-    k, positions = 50, 3000
+def _clustered_proposals(clusters, positions=3000):
+    """Scores and boxes (2 images) jittered around ``clusters`` centres: about one NMS survivor
+    per centre."""
     generator = torch.Generator().manual_seed(clusters)
     centres = torch.rand(clusters, 2, generator=generator)
     cluster = torch.randint(clusters, (2, positions), generator=generator)
     xy = centres[cluster] + 0.003 * torch.randn(2, positions, 2, generator=generator)
     boxes = torch.cat([xy, torch.full((2, positions, 2), 0.1)], -1).clamp(0.01, 0.99)
-    scores = torch.randn(2, positions, generator=generator)
+    return torch.randn(2, positions, generator=generator), boxes
 
+
+@pytest.mark.parametrize("clusters", [400, 45, 30])
+def test_distinct_topk_proposals_equal_nms_over_all_positions(clusters):
+    # With 400 centres NMS over the best 4k boxes keeps k, with 45 the prefix grows (to all boxes
+    # in one image), with 30 fewer than k survive at all.
+    k = 50
+    scores, boxes = _clustered_proposals(clusters)
     xyxy = box_convert(boxes, "cxcywh", "xyxy")
     expected = []
     for scores_i, boxes_i in zip(scores, xyxy):
@@ -281,3 +286,18 @@ def test_distinct_topk_proposals_equal_nms_over_all_positions(clusters):
         expected.append(torch.cat([keep, rest])[:k])
     selected = select_proposals(scores, inverse_sigmoid(boxes), k, 0.7)
     assert selected.tolist() == torch.stack(expected).tolist()
+
+
+def test_traced_distinct_topk_proposals_do_not_freeze_the_example_prefix():
+    # Traced where the first prefix suffices, then run where it does not: a prefix loop traced
+    # into the graph would keep only the example's best 4k proposals.
+    def select(scores, coords):
+        return select_proposals(scores, coords, 50, 0.7)
+
+    example, other = (_clustered_proposals(clusters) for clusters in (400, 45))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation
+        traced = torch.jit.trace(select, (example[0], inverse_sigmoid(example[1])))
+    other_coords = inverse_sigmoid(other[1])
+    assert traced(other[0], other_coords).tolist() == select(other[0], other_coords).tolist()

@@ -43,6 +43,14 @@ GROUPS = {
         ["tests/test_checkpoint.py"],
     ),
     "export": (["src/deformable_detr/export.py"], ["tests/test_export.py"]),
+    "two_stage": (
+        ["src/deformable_detr/modeling/two_stage.py"],
+        ["tests/test_deformable_transformer.py"],
+    ),
+    "mobilenet_v2": (
+        ["src/deformable_detr/modeling/backbone/mobilenet_v2.py"],
+        ["tests/test_mobilenet_v2.py"],
+    ),
 }
 
 
