@@ -104,6 +104,36 @@ def test_encoder_output_proposals():
     assert proposals[1, 2, 0].sigmoid().item() == pytest.approx(2.5 / 3, abs=1e-5)
 
 
+def test_encoder_proposals_drop_border_positions_on_every_level():
+    # Level 0 is wider than 50 columns, so its first and last centres fall outside (0.01, 0.99):
+    # the official code marks those invalid as well as the padding.
+    shapes = [(3, 60), (2, 4), (1, 2)]
+    mask = torch.zeros(2, 180 + 8 + 2, dtype=torch.bool)
+    mask[1, :180].view(3, 60)[:, 55:] = True
+    mask[1, 180:188].view(2, 4)[:, 3:] = True
+    mask[1, 189] = True
+    proposals, valid = encoder_proposals(mask, shapes)
+
+    expected = torch.full((2, 190, 4), float("inf"))
+    start = 0
+    for level, (h, w) in enumerate(shapes):
+        for image in range(2):
+            level_mask = mask[image, start : start + h * w].view(h, w)
+            valid_w = int((~level_mask[0]).sum())
+            valid_h = int((~level_mask[:, 0]).sum())
+            for y in range(h):
+                for x in range(w):
+                    box = torch.tensor([(x + 0.5) / valid_w, (y + 0.5) / valid_h,
+                                        0.05 * 2**level, 0.05 * 2**level])
+                    if not level_mask[y, x] and ((box > 0.01) & (box < 0.99)).all():
+                        expected[image, start + y * w + x] = inverse_sigmoid(box)
+        start += h * w
+    assert torch.equal(valid[..., 0], torch.isfinite(expected).all(-1))
+    assert not valid[0, 0] and not valid[0, 59] and valid[0, 1] and valid[0, 58]
+    assert not valid[1, 0] and not valid[1, 54] and valid[1, 53]
+    assert torch.allclose(proposals, expected, atol=1e-5)
+
+
 def test_proposal_pos_embed_is_sine_of_sigmoid():
     proposals = torch.randn(2, 5, 4)
     pos = proposal_position_embedding(proposals, D)

@@ -1,3 +1,7 @@
+import pathlib
+import pickle
+import re
+
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -88,3 +92,52 @@ def test_missing_weights_package_gives_one_line_hint(monkeypatch):
     with pytest.raises(RuntimeError) as e:
         default_mobilenet_v2_weights()
     assert "make setup" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_default_config_returns_strides_8_to_32_and_freezes_before_stride_8():
+    cfg = get_cfg()
+    add_deformable_detr_config(cfg)
+    cfg.MODEL.BACKBONE.NAME = "build_mobilenet_v2_backbone"
+    cfg.MODEL.MOBILENET_V2.PRETRAINED = False
+    backbone = build_backbone(cfg, ShapeSpec(channels=3))
+    assert {name: spec.stride for name, spec in backbone.output_shape().items()} == {
+        "mnv2_s8": 8, "mnv2_s16": 16, "mnv2_s32": 32}
+    trainable = [all(p.requires_grad for p in block.parameters()) for block in backbone.features]
+    assert trainable == [False] * 4 + [True] * 14
+
+
+def test_freeze_at_bounds():
+    # Without freeze_at every block trains; 18 freezes all of them; beyond that is an error.
+    assert all(p.requires_grad for p in MobileNetV2Backbone(["mnv2_s32"]).parameters())
+    frozen = MobileNetV2Backbone(["mnv2_s32"], freeze_at=18)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    for bad in (-1, 19):
+        with pytest.raises(ValueError, match=rf"freeze_at must be in \[0, 18\].*got {bad}"):
+            MobileNetV2Backbone(["mnv2_s32"], freeze_at=bad)
+
+
+def test_weights_package_without_its_file_names_the_path(monkeypatch, tmp_path):
+    spec = type("Spec", (), {"submodule_search_locations": [str(tmp_path)]})()
+    monkeypatch.setattr(mnv2_module.importlib.util, "find_spec", lambda name: spec)
+    missing = f"{re.escape(str(tmp_path))}.*mobilenet_v2-b0353104.pth not found.*make setup"
+    with pytest.raises(RuntimeError, match=missing):
+        default_mobilenet_v2_weights()
+
+
+class _TouchOnUnpickle:
+    """Unpickling it creates a file: what a malicious checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def test_weights_file_is_loaded_without_running_pickled_code(tmp_path):
+    marker = tmp_path / "code_ran"
+    weights = tmp_path / "evil.pth"
+    torch.save({"features.0.0.weight": _TouchOnUnpickle(marker)}, weights)
+    with pytest.raises(pickle.UnpicklingError):
+        MobileNetV2Backbone(["mnv2_s8"], weights=str(weights))
+    assert not marker.exists()
