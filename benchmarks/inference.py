@@ -1,7 +1,7 @@
 """End-to-end inference speed of the plugin against HuggingFace's Deformable DETR.
 
     python benchmarks/inference.py [--device cpu|cuda] [--threads 2] [--dtype fp32|fp16|bf16]
-                                   [--iters 10] [--quick] [--with-bf16]
+                                   [--iters 10] [--quick] [--with-bf16 [--demo-weights PATH]]
 
 What one timed call does, as ``DefaultPredictor.__call__`` after its resize (the input is an
 already resized RGB uint8-range float image, batch 1, in eval mode under ``torch.no_grad``):
@@ -22,10 +22,14 @@ turns every iteration; images/s is 1 / mean latency.
 
 ``--with-bf16`` adds a row of the plugin (compiled op) under bfloat16 autocast beside the float32
 rows, with the largest differences of its logits and boxes from float32; on a CPU without
-bfloat16 instructions (AVX512-BF16 or AMX) it says so and adds no row.
+bfloat16 instructions (AVX512-BF16 or AMX) it says so and adds no row. With ``--demo-weights``
+(a trained demo model, e.g. ``output/demo/model_final.pth``) it also evaluates that model on
+``trees_val`` with ``COCOEvaluator`` in float32 and under bfloat16 autocast and prints the change
+in AP and AP50.
 """
 
 import importlib.util
+import os
 import sys
 
 import torch
@@ -45,7 +49,7 @@ from benchmark_utils import (
     time_round_robin,
 )
 
-from deformable_detr.engine import cpu_bfloat16_unsupported_reason
+from deformable_detr.engine import Trainer, cpu_bfloat16_unsupported_reason
 from deformable_detr.layers.ms_deform_attn_op import use_implementation
 from deformable_detr.utils.testing import randomize_
 
@@ -135,6 +139,25 @@ def bf16_diffs(model, image, args):
     )
 
 
+def demo_ap_by_dtype(weights, args):
+    """{dtype: (AP, AP50)} of the trained demo model on its test set, float32 and bf16 autocast."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+
+    cfg = load_cfg(DEMO_CONFIG)
+    model = build(cfg, args.device).eval()
+    DetectionCheckpointer(model).load(weights)
+    dataset = cfg.DATASETS.TEST[0]
+    results = {}
+    for dtype in ("fp32", "bf16"):
+        loader = Trainer.build_test_loader(cfg, dataset)
+        evaluator = COCOEvaluator(dataset, output_dir=None)
+        with use_implementation("compiled"), autocast(args.device, dtype):
+            bbox = inference_on_dataset(model, loader, evaluator)["bbox"]
+        results[dtype] = (bbox["AP"], bbox["AP50"])
+    return dataset, results
+
+
 def op_diffs(model, image, args):
     """Max abs differences of logits and boxes: compiled op vs pure-PyTorch op, same model."""
     raws = []
@@ -156,9 +179,16 @@ def main(argv=None):
                         help="also print each candidate's top operators (torch.profiler)")
     parser.add_argument("--with-bf16", action="store_true",
                         help="add the compiled plugin under bfloat16 autocast (with --dtype fp32)")
+    parser.add_argument("--demo-weights", metavar="PATH",
+                        help="with --with-bf16: a trained demo model, evaluated on trees_val in "
+                             "float32 and in bfloat16")
     args = parse_model_benchmark_args(parser, argv)
     if args.with_bf16 and args.dtype != "fp32":
         parser.error("--with-bf16 compares with float32: use it with --dtype fp32")
+    if args.demo_weights and not args.with_bf16:
+        parser.error("--demo-weights measures bfloat16's change in AP: add --with-bf16")
+    if args.demo_weights and not os.path.isfile(args.demo_weights):
+        parser.error(f"--demo-weights: no such file: {args.demo_weights}")
     missing = [name for name in ("transformers", "timm") if importlib.util.find_spec(name) is None]
     if missing and not args.no_hf:
         parser.error(f"the HF peer needs {' and '.join(missing)} (pip install transformers timm); "
@@ -229,6 +259,15 @@ def main(argv=None):
                 f"# {name}: plugin (compiled op) vs {other}: max abs diff of the last decoder "
                 f"layer's logits {logits:.2e}, boxes {boxes:.2e}"
             )
+    if with_bf16 and args.demo_weights:
+        dataset, ap = demo_ap_by_dtype(args.demo_weights, args)
+        results["demo_ap"] = ap
+        (ap32, ap50_32), (ap16, ap50_16) = ap["fp32"], ap["bf16"]
+        notes.append(
+            f"# demo model {args.demo_weights} on {dataset} (COCO bbox): float32 AP {ap32:.1f} "
+            f"AP50 {ap50_32:.1f}, bf16 AP {ap16:.1f} AP50 {ap50_16:.1f} (change AP "
+            f"{ap16 - ap32:+.1f}, AP50 {ap50_16 - ap50_32:+.1f})"
+        )
     print("\n".join(notes))
     print("\n".join(profiles))
     print(end_note())

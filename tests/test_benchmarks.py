@@ -95,6 +95,66 @@ def test_inference_benchmark_bf16_rows(capsys, monkeypatch, cpu_has_bf16):
         assert ("R50 multi-scale", "itself in bf16") not in results["max_abs_diff"]
 
 
+@pytest.fixture
+def trees_under(tmp_path):
+    """trees_train / trees_val prepared under tmp_path for the test, registered as before after."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from deformable_detr.data import register_trees
+
+    def register(root):
+        for name in ("trees_train", "trees_val"):
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        register_trees(root)
+
+    register(str(tmp_path / "datasets"))
+    yield
+    register(None)
+
+
+def test_inference_benchmark_evaluates_demo_weights_in_float32_and_in_bf16(
+    tmp_path, capsys, monkeypatch, trees_under
+):
+    inference = load("inference")
+    monkeypatch.setattr(inference, "cpu_bfloat16_unsupported_reason", lambda: None)
+    model = inference.build(inference.load_cfg(inference.DEMO_CONFIG), "cpu")
+    marked_name, marked = list(model.named_parameters())[-1]
+    with torch.no_grad():
+        marked.fill_(-1.25)  # recognizable in the evaluated model
+    weights = tmp_path / "demo.pth"
+    torch.save({"model": model.state_dict()}, weights)
+    calls = []
+
+    def evaluate(model, loader, evaluator):
+        calls.append((torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"),
+                      evaluator._metadata.name, model.training,
+                      model.get_parameter(marked_name).unique().tolist()))
+        return {"bbox": {"AP": 10.0 + len(calls), "AP50": 40.0 - len(calls)}}
+
+    monkeypatch.setattr("detectron2.evaluation.inference_on_dataset", evaluate)
+    results = inference.main(["--quick", "--threads", "1", "--iters", "1", "--no-hf",
+                              "--with-bf16", "--models", "demo MobileNetV2",
+                              "--demo-weights", str(weights)])
+    assert calls == [(False, "trees_val", False, [-1.25]),
+                     (torch.bfloat16, "trees_val", False, [-1.25])]
+    assert results["demo_ap"] == {"fp32": (11.0, 39.0), "bf16": (12.0, 38.0)}
+    assert "float32 AP 11.0 AP50 39.0, bf16 AP 12.0 AP50 38.0 (change AP +1.0, AP50 -1.0)" in (
+        capsys.readouterr().out
+    )
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--demo-weights", "x.pth"],
+     "--demo-weights measures bfloat16's change in AP: add --with-bf16"),
+    (["--with-bf16", "--demo-weights", "missing.pth"], "--demo-weights: no such file: missing.pth"),
+])
+def test_inference_benchmark_refuses_bad_demo_weights_arguments(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        load("inference").main(["--no-hf", *argv])
+    assert message in capsys.readouterr().err
+
+
 def _write_metrics(run_dir, ap50_at_150, ap50_at_300, seconds):
     run_dir.mkdir(parents=True)
     records = [
