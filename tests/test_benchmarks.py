@@ -166,6 +166,25 @@ def _write_metrics(run_dir, ap50_at_150, ap50_at_300, seconds):
     (run_dir / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def test_convergence_variants_turn_on_exactly_their_option_over_the_demo_config():
+    from deformable_detr.engine import load_config
+
+    convergence = load("convergence")
+
+    def options(variant):
+        cfg = load_config(str(convergence.DEMO_CONFIG), convergence.VARIANTS[variant])
+        dd = cfg.MODEL.DEFORMABLE_DETR
+        return {"denoising": dd.DENOISING.ENABLED,
+                "mixed_query_selection": dd.TWO_STAGE.MIXED_QUERY_SELECTION,
+                "look_forward_twice": dd.LOOK_FORWARD_TWICE, "ema": cfg.SOLVER.EMA.ENABLED}
+
+    assert load_config(str(convergence.DEMO_CONFIG), []).MODEL.DEFORMABLE_DETR.DENOISING.ENABLED
+    assert not any(options("baseline").values())
+    for name in convergence.OPTIONS_ON:
+        assert options(name) == {other: other == name for other in convergence.OPTIONS_ON}
+    assert all(options("all").values())
+
+
 def test_convergence_study_reports_medians_of_finished_runs_without_training(tmp_path, capsys):
     ap50 = {"baseline": [(40, 50), (42, 60), (41, 55)], "denoising": [(45, 61), (47, 58), (46, 70)]}
     for variant, per_seed in ap50.items():
