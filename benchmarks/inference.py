@@ -49,6 +49,7 @@ from benchmark_utils import (
     time_round_robin,
 )
 
+from deformable_detr.checkpoint import AtomicDetectionCheckpointer
 from deformable_detr.engine import Trainer, cpu_bfloat16_unsupported_reason
 from deformable_detr.layers.ms_deform_attn_op import use_implementation
 from deformable_detr.utils.testing import randomize_
@@ -141,16 +142,15 @@ def bf16_diffs(model, image, args):
 
 def demo_ap_by_dtype(weights, args):
     """{dtype: (AP, AP50)} of the trained demo model on its test set, float32 and bf16 autocast."""
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 
     cfg = load_cfg(DEMO_CONFIG)
     model = build(cfg, args.device).eval()
-    DetectionCheckpointer(model).load(weights)
+    AtomicDetectionCheckpointer(model).load(weights)  # a corrupt file raises a named error
     dataset = cfg.DATASETS.TEST[0]
+    loader = Trainer.build_test_loader(cfg, dataset)
     results = {}
     for dtype in ("fp32", "bf16"):
-        loader = Trainer.build_test_loader(cfg, dataset)
         evaluator = COCOEvaluator(dataset, output_dir=None)
         with use_implementation("compiled"), autocast(args.device, dtype):
             bbox = inference_on_dataset(model, loader, evaluator)["bbox"]

@@ -94,8 +94,8 @@ OSBS_029_DETECTIONS = [
 ]
 
 
-# The known detections come from weights seeded with these modules: denoising's label embedding
-# (training only) would shift the seeded initialization of everything built after it.
+# The known detections come from weights seeded with these modules: with denoising's label
+# embedding (training only) in the model, the same seed gives other weights and no detections.
 SEEDED_STRUCTURE = [
     "MODEL.MOBILENET_V2.PRETRAINED", "False", "MODEL.DEFORMABLE_DETR.DENOISING.ENABLED", "False",
 ]
